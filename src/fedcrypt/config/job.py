@@ -1,0 +1,205 @@
+"""Job files: TOML validated by pydantic, with one-line errors that name the offending key.
+
+Every section rejects unknown keys, so a typo (``rouns = 5``) is an error rather than a silently
+ignored setting.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedcrypt.data import DATASETS, PARTITION_METHODS
+from fedcrypt.mechanisms import MECHANISMS
+from fedcrypt.models.zoo import MODELS
+
+
+class JobError(Exception):
+    """A job file that cannot be used; the message is meant for the user as is."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class JobSection(_Section):
+    name: str = Field("fedcrypt-job", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")
+    rounds: int = Field(10, ge=1, le=100_000)
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+
+
+class DataSection(_Section):
+    dataset: str = "digits"
+    num_clients: int = Field(10, ge=1, le=100_000)
+    partition: str = "iid"
+    alpha: float = Field(0.5, gt=0, le=1e6)
+    shards_per_client: int = Field(2, ge=1, le=1000)
+    data_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _known_names(self) -> DataSection:
+        _check_choice("dataset", self.dataset, DATASETS)
+        _check_choice("partition", self.partition, PARTITION_METHODS)
+        return self
+
+
+class ModelSection(_Section):
+    name: str = "mlp"
+    hidden: tuple[Annotated[int, Field(ge=1, le=65536)], ...] = (64, 64)
+
+    @model_validator(mode="after")
+    def _known_name(self) -> ModelSection:
+        _check_choice("name", self.name, MODELS)
+        return self
+
+
+class TrainSection(_Section):
+    local_epochs: int = Field(1, ge=1, le=1000)
+    batch_size: int = Field(32, ge=1, le=1_000_000)
+    lr: float = Field(0.05, gt=0, le=100)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0, le=1)
+
+
+class _StrategyBase(_Section):
+    fraction_fit: float = Field(1.0, gt=0, le=1)
+    min_fit_clients: int = Field(2, ge=1)
+    weighting: Literal["samples", "uniform"] = "samples"
+
+
+class FedAvgSection(_StrategyBase):
+    name: Literal["fedavg"] = "fedavg"
+    server_lr: float = Field(1.0, gt=0, le=100)
+
+
+class FedProxSection(_StrategyBase):
+    name: Literal["fedprox"]
+    server_lr: float = Field(1.0, gt=0, le=100)
+    proximal_mu: float = Field(0.01, ge=0, le=1e4)
+
+
+class _FedOptSection(_StrategyBase):
+    server_lr: float = Field(0.01, gt=0, le=100)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    tau: float = Field(1e-3, gt=0, le=1)
+
+
+class FedAdamSection(_FedOptSection):
+    name: Literal["fedadam"]
+
+
+class FedYogiSection(_FedOptSection):
+    name: Literal["fedyogi"]
+
+
+StrategySection = Annotated[
+    FedAvgSection | FedProxSection | FedAdamSection | FedYogiSection, Field(discriminator="name")
+]
+
+
+class PrivacySection(_Section):
+    mechanism: str = "none"
+
+    @model_validator(mode="after")
+    def _known_mechanism(self) -> PrivacySection:
+        _check_choice("mechanism", self.mechanism, tuple(MECHANISMS))
+        return self
+
+
+class JobConfig(_Section):
+    """A whole job: what to train, on which data, with which strategy and protection."""
+
+    job: JobSection = Field(default_factory=JobSection)
+    data: DataSection = Field(default_factory=DataSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    strategy: StrategySection = Field(default_factory=FedAvgSection)
+    privacy: PrivacySection = Field(default_factory=PrivacySection)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_strategy_name(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and isinstance(raw.get("strategy"), dict):
+            raw = {**raw, "strategy": {"name": "fedavg", **raw["strategy"]}}
+        return raw
+
+    @model_validator(mode="after")
+    def _enough_clients(self) -> JobConfig:
+        if self.strategy.min_fit_clients > self.data.num_clients:
+            raise ValueError(
+                f"strategy.min_fit_clients ({self.strategy.min_fit_clients}) exceeds "
+                f"data.num_clients ({self.data.num_clients})"
+            )
+        return self
+
+    def with_overrides(self, **sections: dict[str, Any]) -> JobConfig:
+        """A copy with some keys replaced, validated like a file (e.g. ``job={"rounds": 3}``)."""
+        merged = self.model_dump()
+        for section, values in sections.items():
+            merged[section] = {**merged[section], **values}
+        return parse_job(merged, source="overrides")
+
+    def to_toml(self) -> str:
+        """The resolved job (defaults filled in) as TOML."""
+        lines: list[str] = []
+        for section, values in self.model_dump().items():
+            lines.append(f"[{section}]")
+            lines += [f"{key} = {_toml_value(value)}" for key, value in values.items() if value is not None]
+            lines.append("")
+        return "\n".join(lines)
+
+
+def parse_job(raw: dict[str, Any], *, source: str = "job") -> JobConfig:
+    """Validate a parsed TOML document; raises :class:`JobError` with a one-line reason."""
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise JobError(f"{source}: {_first_error(exc)}") from None
+
+
+def load_job(path: str | Path) -> JobConfig:
+    """Read and validate a TOML job file."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise JobError(f"{path}: cannot read job file: {exc.strerror or exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise JobError(f"{path}: not valid TOML: {exc}") from None
+    return parse_job(raw, source=str(path))
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {key} {value!r}; choose one of: {', '.join(choices)}")
+
+
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    # Drop the discriminator tag pydantic inserts for tagged unions (strategy.fedavg.x -> strategy.x).
+    loc = [str(p) for p in error["loc"] if p not in ("fedavg", "fedprox", "fedadam", "fedyogi")]
+    key = ".".join(loc) or "(top level)"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif error["type"] == "union_tag_invalid":
+        message = f"unknown strategy {error['input']!r}; choose one of: fedavg, fedprox, fedadam, fedyogi"
+    elif "input" in error and error["type"] not in ("missing", "value_error") and not isinstance(
+        error["input"], dict
+    ):
+        message += f" (got {error['input']!r})"
+    return f"{key}: {message}" if loc else message
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'

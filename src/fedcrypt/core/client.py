@@ -1,0 +1,118 @@
+"""Client logic, independent of transport: bytes in, bytes out.
+
+On ``FitIns`` the client loads the global model, trains on its own data, packs its contribution
+``[w * delta, w]`` and answers the mechanism's first stage inside ``FitRes``; later stages arrive
+as ``StageIns``. The raw data and the plaintext update never leave this object except through
+the mechanism.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+
+import numpy as np
+
+from fedcrypt.core import contribution
+from fedcrypt.core.mechanism import ClientProtector, Mechanism, RoundContext
+from fedcrypt.core.messages import (
+    ErrorReply,
+    FitIns,
+    FitRes,
+    Message,
+    Shutdown,
+    StageIns,
+    StageRes,
+    from_bytes,
+    to_bytes,
+)
+from fedcrypt.core.wire import WireError
+from fedcrypt.models.training import ClientData, LocalTrainer
+
+log = logging.getLogger(__name__)
+
+
+def client_seed(job_seed: int, server_round: int, client: str) -> int:
+    """A per-(job, round, client) training seed, the same in every process."""
+    digest = hashlib.blake2b(f"{job_seed}/{server_round}/{client}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class Client:
+    """One party: answers the server's messages for one job."""
+
+    def __init__(
+        self,
+        name: str,
+        job: str,
+        trainer: LocalTrainer,
+        data: ClientData,
+        mechanism: Mechanism,
+        *,
+        seed: int = 0,
+    ) -> None:
+        self.name = name
+        self.job = job
+        self.trainer = trainer
+        self.data = data
+        self.mechanism = mechanism
+        self.seed = seed
+        self.finished = False
+        self._round: int | None = None
+        self._protector: ClientProtector | None = None
+        self._contribution: np.ndarray | None = None
+        self._participants: tuple[str, ...] = ()
+
+    def handle(self, request: bytes) -> bytes:
+        """Answer one server message; refusals come back as ``ErrorReply``, never as exceptions."""
+        try:
+            received = from_bytes(request)
+        except WireError as exc:
+            return self._reply(ErrorReply(0, f"undecodable request: {exc}"))
+        if received.job != self.job:
+            return self._reply(ErrorReply(received.message.round, f"wrong job {received.job!r}"))
+        try:
+            return self._reply(self._dispatch(received.message))
+        except (ValueError, RuntimeError) as exc:
+            log.warning("client %s refused a %s: %s", self.name, type(received.message).__name__, exc)
+            return self._reply(ErrorReply(received.message.round, str(exc)))
+
+    def _dispatch(self, message: Message) -> Message:
+        if isinstance(message, FitIns):
+            return self._fit(message)
+        if isinstance(message, StageIns):
+            if self._protector is None or message.round != self._round or self._contribution is None:
+                raise ValueError(f"stage {message.stage!r} for round {message.round} without a fit")
+            payload = self._protector.respond(message.stage, message.payload, self._contribution)
+            return StageRes(message.round, message.stage, payload)
+        if isinstance(message, Shutdown):
+            self.finished = True
+            return Shutdown(message.round)
+        raise ValueError(f"unexpected {type(message).__name__} from the server")
+
+    def _fit(self, ins: FitIns) -> FitRes:
+        if ins.params is None or ins.params.shape != (self.trainer.spec.size,):
+            raise ValueError(f"fit request carries no model of size {self.trainer.spec.size}")
+        mu = ins.config.get("proximal_mu", 0.0)
+        if not isinstance(mu, (int, float)) or mu < 0:
+            raise ValueError(f"proximal_mu must be a number >= 0, got {mu!r}")
+        result = self.trainer.fit(
+            ins.params, self.data, seed=client_seed(self.seed, ins.round, self.name), proximal_mu=float(mu)
+        )
+        weight = 1.0 if ins.config.get("weighting") == "uniform" else float(self.data.num_examples)
+        self._contribution = contribution.pack(result.params - ins.params, weight)
+        ctx = RoundContext(self.job, ins.round, ins.participants, self._contribution.shape[0])
+        self._round = ins.round
+        self._protector = self.mechanism.client_round(ctx, self.name)
+        started = time.perf_counter()
+        payload = self._protector.respond(self.mechanism.stages[0], ins.payload, self._contribution)
+        metrics = {
+            "train_loss": result.train_loss,
+            "train_seconds": result.seconds,
+            "protect_seconds": time.perf_counter() - started,
+        }
+        return FitRes(ins.round, self.data.num_examples, metrics, payload)
+
+    def _reply(self, message: Message) -> bytes:
+        return to_bytes(message, job=self.job, sender=self.name)

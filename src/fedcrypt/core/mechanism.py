@@ -1,0 +1,163 @@
+"""The update-protection interface that every privacy mechanism implements.
+
+A mechanism turns the clients' contribution vectors into their sum without the server reading
+any single one. Per round it runs a short sequence of *stages*; in each stage the server sends
+every participating client a (possibly per-recipient) request and folds the replies in one at a
+time as they arrive, so the server holds O(one update) however many clients there are.
+
+The common case is one stage: the client *protects* its vector, the server *aggregates*
+protected payloads into one aggregate payload, and a key holder *recovers* the sum from it.
+:class:`OneShotMechanism` is that case; multi-stage protocols (SecAgg+'s advertise / share /
+mask / unmask, BatchCrypt's statistics exchange before protecting) implement
+:class:`Mechanism` directly. Who may call :meth:`Mechanism.recover` depends on the mechanism:
+for ``none`` and secret sharing the server learns the sum; for homomorphic encryption only the
+holders of the secret key do.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generic, TypeVar
+
+import numpy as np
+
+from fedcrypt.core.messages import Payload
+
+Accumulator = TypeVar("Accumulator")
+
+
+class PayloadRejected(Exception):
+    """A client's payload failed validation; the client is dropped from the round."""
+
+
+class RecoveryError(Exception):
+    """The aggregate could not be recovered (too few survivors, wrong key, overflow)."""
+
+
+@dataclass(frozen=True)
+class RoundContext:
+    """What both sides know about a round before it starts."""
+
+    job: str
+    round: int
+    participants: tuple[str, ...]
+    vector_size: int
+
+
+class ServerAggregator(ABC):
+    """Server half of one round: builds requests, folds replies, yields the aggregate payload."""
+
+    @abstractmethod
+    def request(self, stage: str, client: str) -> Payload:
+        """The payload sent to ``client`` at the start of ``stage``."""
+
+    @abstractmethod
+    def fold(self, stage: str, client: str, payload: Payload) -> None:
+        """Fold one client's reply in; raise :class:`PayloadRejected` to drop that client.
+
+        Must validate completely before changing any state, so a rejected payload leaves the
+        aggregate exactly as it was.
+        """
+
+    def close_stage(self, stage: str, survivors: Sequence[str]) -> None:
+        """Called once a stage's replies are in; ``survivors`` answered it successfully."""
+
+    @abstractmethod
+    def finish(self) -> Payload:
+        """The aggregate payload of the round (readable only by whoever can recover it)."""
+
+    def metrics(self) -> dict[str, float]:
+        """Mechanism-specific figures for the round's metrics record."""
+        return {}
+
+
+class ClientProtector(ABC):
+    """Client half of one round: answers each stage's request."""
+
+    @abstractmethod
+    def respond(self, stage: str, request: Payload, contribution: np.ndarray) -> Payload:
+        """The reply to ``request``; ``contribution`` is the vector this client adds to the sum."""
+
+
+class Mechanism(ABC):
+    """A way to sum client vectors so the server cannot read any single one."""
+
+    name: ClassVar[str]
+    #: Whether the server process can recover the sum (True for ``none`` and secret sharing).
+    server_can_recover: ClassVar[bool]
+
+    @property
+    @abstractmethod
+    def stages(self) -> tuple[str, ...]:
+        """The round's stages in order; the first one's reply travels inside ``FitRes``."""
+
+    @abstractmethod
+    def server_round(self, ctx: RoundContext) -> ServerAggregator: ...
+
+    @abstractmethod
+    def client_round(self, ctx: RoundContext, client: str) -> ClientProtector: ...
+
+    @abstractmethod
+    def recover(self, aggregate: Payload, ctx: RoundContext) -> np.ndarray:
+        """The float64 sum of the survivors' contributions; raises :class:`RecoveryError`."""
+
+
+class OneShotMechanism(Mechanism, Generic[Accumulator]):
+    """Protect -> aggregate (streaming) -> recover in a single stage."""
+
+    stage: ClassVar[str] = "protect"
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        return (self.stage,)
+
+    @abstractmethod
+    def protect(self, contribution: np.ndarray, ctx: RoundContext) -> Payload: ...
+
+    @abstractmethod
+    def empty(self, ctx: RoundContext) -> Accumulator:
+        """The aggregate of no payloads."""
+
+    @abstractmethod
+    def fold_one(self, accumulator: Accumulator, payload: Payload, ctx: RoundContext) -> Accumulator:
+        """Validate ``payload`` fully, then add it; raise :class:`PayloadRejected` if invalid."""
+
+    @abstractmethod
+    def to_payload(self, accumulator: Accumulator, ctx: RoundContext) -> Payload: ...
+
+    def server_round(self, ctx: RoundContext) -> ServerAggregator:
+        return _OneShotAggregator(self, ctx)
+
+    def client_round(self, ctx: RoundContext, client: str) -> ClientProtector:
+        return _OneShotProtector(self, ctx)
+
+
+class _OneShotAggregator(ServerAggregator):
+    def __init__(self, mechanism: OneShotMechanism[Any], ctx: RoundContext) -> None:
+        self._mechanism = mechanism
+        self._ctx = ctx
+        self._accumulator = mechanism.empty(ctx)
+        self.folded = 0
+
+    def request(self, stage: str, client: str) -> Payload:
+        return Payload()
+
+    def fold(self, stage: str, client: str, payload: Payload) -> None:
+        self._accumulator = self._mechanism.fold_one(self._accumulator, payload, self._ctx)
+        self.folded += 1
+
+    def finish(self) -> Payload:
+        if self.folded == 0:
+            raise RecoveryError("no payload was aggregated this round")
+        return self._mechanism.to_payload(self._accumulator, self._ctx)
+
+
+class _OneShotProtector(ClientProtector):
+    def __init__(self, mechanism: OneShotMechanism[Any], ctx: RoundContext) -> None:
+        self._mechanism = mechanism
+        self._ctx = ctx
+
+    def respond(self, stage: str, request: Payload, contribution: np.ndarray) -> Payload:
+        return self._mechanism.protect(contribution, self._ctx)

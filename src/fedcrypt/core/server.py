@@ -1,0 +1,222 @@
+"""Server logic, independent of transport: samples clients, runs the mechanism's stages, folds
+each reply into the aggregate as it arrives, recovers the average and steps the global model.
+
+A client whose reply is malformed, stale, refused or rejected by the mechanism (NaN/Inf, wrong
+length, bad ciphertext) is logged and counted as failed for the round; the round goes on with the
+others and fails only when fewer than ``min_fit_clients`` succeed, leaving the model unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedcrypt.core import contribution
+from fedcrypt.core.mechanism import Mechanism, PayloadRejected, RecoveryError, RoundContext, ServerAggregator
+from fedcrypt.core.messages import (
+    ErrorReply,
+    FitIns,
+    FitRes,
+    Message,
+    Shutdown,
+    StageIns,
+    StageRes,
+    from_bytes,
+    to_bytes,
+)
+from fedcrypt.core.transport import Transport
+from fedcrypt.core.wire import WireError
+from fedcrypt.strategies.base import Strategy
+
+log = logging.getLogger(__name__)
+SERVER_NAME = "server"
+
+Evaluator = Callable[[np.ndarray], tuple[float, float]]
+
+
+@dataclass
+class RoundRecord:
+    """Everything measured in one round; one line of ``metrics.jsonl``."""
+
+    round: int
+    status: str = "ok"
+    error: str = ""
+    sampled: int = 0
+    succeeded: int = 0
+    failures: dict[str, str] = field(default_factory=dict)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    seconds: float = 0.0
+    train_seconds: float = 0.0
+    protect_seconds: float = 0.0
+    aggregate_seconds: float = 0.0
+    recover_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    train_loss: float = float("nan")
+    loss: float = float("nan")
+    accuracy: float = float("nan")
+    mechanism: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """A flat JSON-able dict (NaN becomes null)."""
+        row = {k: v for k, v in self.__dict__.items() if k != "mechanism"}
+        row["failed"] = len(self.failures)
+        row.update(self.mechanism)
+        return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in row.items()}
+
+
+class Server:
+    """Runs rounds of federated training over any :class:`Transport`."""
+
+    def __init__(
+        self,
+        *,
+        job: str,
+        strategy: Strategy,
+        mechanism: Mechanism,
+        params: np.ndarray,
+        transport: Transport,
+        seed: int = 0,
+        evaluate: Evaluator | None = None,
+    ) -> None:
+        if not mechanism.server_can_recover:
+            raise ValueError(f"mechanism {mechanism.name!r} needs client-side recovery, not supported yet")
+        self.job = job
+        self.strategy = strategy
+        self.mechanism = mechanism
+        self.params = np.asarray(params, dtype=np.float32).copy()
+        self.transport = transport
+        self.evaluate = evaluate
+        self._sampler = np.random.default_rng(seed)
+
+    def run_round(self, server_round: int) -> RoundRecord:
+        record = RoundRecord(server_round)
+        started = time.perf_counter()
+        try:
+            self._run_round(server_round, record)
+        except (RecoveryError, ValueError) as exc:
+            record.status, record.error = "failed", str(exc)
+            log.warning("round %d failed: %s", server_round, exc)
+        if self.evaluate is not None:
+            eval_started = time.perf_counter()
+            record.loss, record.accuracy = self.evaluate(self.params)
+            record.eval_seconds = time.perf_counter() - eval_started
+        record.seconds = time.perf_counter() - started
+        return record
+
+    def shutdown(self) -> None:
+        """Tell every client the job is over."""
+        message = to_bytes(Shutdown(0), job=self.job, sender=SERVER_NAME)
+        self.transport.exchange(
+            self.transport.available(), lambda _: message, lambda *_: None, lambda *_: None
+        )
+
+    def _run_round(self, server_round: int, record: RoundRecord) -> None:
+        participants = tuple(self.strategy.sample(self.transport.available(), self._sampler))
+        record.sampled = len(participants)
+        ctx = RoundContext(self.job, server_round, participants, self.params.shape[0] + 1)
+        aggregator = self.mechanism.server_round(ctx)
+        config = self.strategy.fit_config(server_round)
+        losses: list[tuple[float, int]] = []
+
+        def fit_request(client: str) -> bytes:
+            payload = aggregator.request(self.mechanism.stages[0], client)
+            return self._send(FitIns(server_round, self.params, config, participants, payload), record)
+
+        def on_fit(client: str, payload: Message) -> None:
+            assert isinstance(payload, FitRes)
+            if payload.num_examples <= 0:
+                raise PayloadRejected(f"reports {payload.num_examples} training examples")
+            self._fold(aggregator, self.mechanism.stages[0], client, payload, record)
+            losses.append((payload.metrics.get("train_loss", float("nan")), payload.num_examples))
+            record.train_seconds += payload.metrics.get("train_seconds", 0.0)
+            record.protect_seconds += payload.metrics.get("protect_seconds", 0.0)
+
+        survivors = self._exchange(participants, fit_request, FitRes, on_fit, server_round, record)
+        aggregator.close_stage(self.mechanism.stages[0], survivors)
+        for stage in self.mechanism.stages[1:]:
+
+            def stage_request(client: str, stage: str = stage) -> bytes:
+                return self._send(StageIns(server_round, stage, aggregator.request(stage, client)), record)
+
+            def on_stage(client: str, payload: Message, stage: str = stage) -> None:
+                assert isinstance(payload, StageRes)
+                if payload.stage != stage:
+                    raise PayloadRejected(f"answered stage {payload.stage!r} during {stage!r}")
+                self._fold(aggregator, stage, client, payload, record)
+
+            survivors = self._exchange(survivors, stage_request, StageRes, on_stage, server_round, record)
+            aggregator.close_stage(stage, survivors)
+        record.succeeded = len(survivors)
+        if len(survivors) < self.strategy.min_fit_clients:
+            raise RecoveryError(
+                f"only {len(survivors)} of {len(participants)} clients succeeded, "
+                f"min_fit_clients is {self.strategy.min_fit_clients}"
+            )
+        recover_started = time.perf_counter()
+        summed = self.mechanism.recover(aggregator.finish(), ctx)
+        average_delta, _ = contribution.unpack_average(summed)
+        self.params = self.strategy.apply(self.params, average_delta)
+        record.recover_seconds = time.perf_counter() - recover_started
+        record.mechanism = aggregator.metrics()
+        weighted = [(loss, n) for loss, n in losses if np.isfinite(loss)]
+        if weighted:
+            record.train_loss = sum(loss * n for loss, n in weighted) / sum(n for _, n in weighted)
+
+    def _send(self, message: Message, record: RoundRecord) -> bytes:
+        data = to_bytes(message, job=self.job, sender=SERVER_NAME)
+        record.bytes_down += len(data)
+        return data
+
+    def _exchange(
+        self,
+        recipients: tuple[str, ...] | list[str],
+        make_request: Callable[[str], bytes],
+        expected: type,
+        on_message: Callable[[str, Message], None],
+        server_round: int,
+        record: RoundRecord,
+    ) -> list[str]:
+        """One stage's fan-out; returns the clients whose replies were accepted, in order."""
+        accepted: list[str] = []
+
+        def fail(client: str, reason: str) -> None:
+            record.failures[client] = reason
+            log.warning("round %d: dropped client %s: %s", server_round, client, reason)
+
+        def on_reply(client: str, data: bytes) -> None:
+            record.bytes_up += len(data)
+            try:
+                received = from_bytes(data)
+            except WireError as exc:
+                return fail(client, f"malformed reply: {exc}")
+            message = received.message
+            if isinstance(message, ErrorReply):
+                return fail(client, f"client refused: {message.reason}")
+            if received.sender != client or received.job != self.job or message.round != server_round:
+                return fail(client, "stale or misdirected reply (wrong sender, job or round)")
+            if not isinstance(message, expected):
+                return fail(client, f"expected {expected.__name__}, got {type(message).__name__}")
+            try:
+                on_message(client, message)
+            except PayloadRejected as exc:
+                return fail(client, f"payload rejected: {exc}")
+            accepted.append(client)
+
+        self.transport.exchange(recipients, make_request, on_reply, fail)
+        return accepted
+
+    def _fold(
+        self, aggregator: ServerAggregator, stage: str, client: str, message: Message, record: RoundRecord
+    ) -> None:
+        assert isinstance(message, (FitRes, StageRes))
+        started = time.perf_counter()
+        try:
+            aggregator.fold(stage, client, message.payload)
+        finally:
+            record.aggregate_seconds += time.perf_counter() - started

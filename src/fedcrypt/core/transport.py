@@ -1,0 +1,30 @@
+"""What the server needs from a transport: who is there, and a fan-out of request/reply pairs.
+
+Implementations (in-process for simulation, gRPC for deployment) carry opaque bytes; they never
+look inside messages. ``on_reply`` and ``on_failure`` are called one at a time, never
+concurrently, so the server can fold replies into its aggregate as they arrive.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+
+
+class Transport(ABC):
+    @abstractmethod
+    def available(self) -> list[str]:
+        """Names of the clients that can be asked to take part now."""
+
+    @abstractmethod
+    def exchange(
+        self,
+        recipients: Sequence[str],
+        make_request: Callable[[str], bytes],
+        on_reply: Callable[[str, bytes], None],
+        on_failure: Callable[[str, str], None],
+    ) -> None:
+        """Send each recipient its request and report each reply or failure (with a reason)."""
+
+    def close(self) -> None:
+        """Release connections; the default has none."""

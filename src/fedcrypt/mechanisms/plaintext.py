@@ -1,0 +1,47 @@
+"""The ``none`` mechanism: updates travel in the clear. The baseline every other mechanism is
+measured against, and the right choice when the server is trusted."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+
+from fedcrypt.core.mechanism import OneShotMechanism, PayloadRejected, RecoveryError, RoundContext
+from fedcrypt.core.messages import Payload
+
+
+class PlaintextMechanism(OneShotMechanism[np.ndarray]):
+    """Sum float32 vectors in a float64 accumulator, rejecting wrong lengths and non-finite values."""
+
+    name: ClassVar[str] = "none"
+    server_can_recover: ClassVar[bool] = True
+
+    def protect(self, contribution: np.ndarray, ctx: RoundContext) -> Payload:
+        return Payload(arrays={"vector": np.asarray(contribution, dtype=np.float32)})
+
+    def empty(self, ctx: RoundContext) -> np.ndarray:
+        return np.zeros(ctx.vector_size, dtype=np.float64)
+
+    def fold_one(self, accumulator: np.ndarray, payload: Payload, ctx: RoundContext) -> np.ndarray:
+        vector = payload.arrays.get("vector")
+        if vector is None:
+            raise PayloadRejected("payload has no 'vector' array")
+        if vector.dtype != np.float32 or vector.shape != (ctx.vector_size,):
+            raise PayloadRejected(
+                f"update has shape {vector.shape} and dtype {vector.dtype}, "
+                f"expected ({ctx.vector_size},) float32"
+            )
+        if not np.isfinite(vector).all():
+            raise PayloadRejected(f"update contains {int((~np.isfinite(vector)).sum())} NaN/Inf values")
+        accumulator += vector
+        return accumulator
+
+    def to_payload(self, accumulator: np.ndarray, ctx: RoundContext) -> Payload:
+        return Payload(arrays={"sum": accumulator})
+
+    def recover(self, aggregate: Payload, ctx: RoundContext) -> np.ndarray:
+        total = aggregate.arrays.get("sum")
+        if total is None or total.shape != (ctx.vector_size,):
+            raise RecoveryError("aggregate payload has no sum of the expected size")
+        return np.asarray(total, dtype=np.float64)

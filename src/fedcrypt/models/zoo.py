@@ -1,0 +1,67 @@
+"""Built-in models. Any ``nn.Module`` factory works through the Python API; these are the ones a
+job file can name."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from torch import nn
+
+
+class MLP(nn.Sequential):
+    """Fully connected ReLU network on flattened inputs."""
+
+    def __init__(self, in_features: int, num_classes: int, hidden: Sequence[int] = (64, 64)) -> None:
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = in_features
+        for size in hidden:
+            layers += [nn.Linear(width, size), nn.ReLU()]
+            width = size
+        layers.append(nn.Linear(width, num_classes))
+        super().__init__(*layers)
+
+
+class McMahanCNN(nn.Sequential):
+    """The 2-conv CNN of McMahan et al. (2017) for 28x28 images: 5x5 conv 32, pool, 5x5 conv 64,
+    pool, 512 fully connected, softmax (1,663,370 parameters for 10 classes)."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10) -> None:
+        super().__init__(
+            nn.Conv2d(in_channels, 32, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(64 * 7 * 7, 512),
+            nn.ReLU(),
+            nn.Linear(512, num_classes),
+        )
+
+
+class LogisticRegression(nn.Sequential):
+    """Multinomial logistic regression: one linear layer on flattened inputs."""
+
+    def __init__(self, in_features: int, num_classes: int) -> None:
+        super().__init__(nn.Flatten(), nn.Linear(in_features, num_classes))
+
+
+MODELS = ("mlp", "cnn", "logreg")
+
+
+def build_model(
+    name: str, input_shape: Sequence[int], num_classes: int, *, hidden: Sequence[int] = (64, 64)
+) -> nn.Module:
+    """Build a named model for inputs of ``input_shape`` (without the batch dimension)."""
+    features = math.prod(input_shape)
+    if name == "mlp":
+        return MLP(features, num_classes, hidden)
+    if name == "logreg":
+        return LogisticRegression(features, num_classes)
+    if name == "cnn":
+        if len(input_shape) != 3 or tuple(input_shape[1:]) != (28, 28):
+            raise ValueError(f"the cnn model needs 28x28 images, the dataset gives {tuple(input_shape)}")
+        return McMahanCNN(input_shape[0], num_classes)
+    raise ValueError(f"unknown model {name!r}; available: {', '.join(MODELS)}")

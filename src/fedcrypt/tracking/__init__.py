@@ -1,0 +1,5 @@
+"""Recording runs: the run directory every simulation and server writes."""
+
+from fedcrypt.tracking.rundir import RunDirectory
+
+__all__ = ["RunDirectory"]

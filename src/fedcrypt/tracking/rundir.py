@@ -1,0 +1,43 @@
+"""A run's output folder: ``job.toml`` (resolved), ``metrics.jsonl`` (one line per round, written
+as each round ends) and ``model.pt`` (the final global state_dict, written atomically)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from fedcrypt.core.server import RoundRecord
+
+
+class RunDirectory:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OSError(f"cannot create output folder {self.path}: {exc.strerror or exc}") from None
+        self.metrics_path = self.path / "metrics.jsonl"
+        self.model_path = self.path / "model.pt"
+        self.job_path = self.path / "job.toml"
+        self.metrics_path.write_text("")
+
+    def write_job(self, toml_text: str) -> None:
+        self._atomic_write(self.job_path, toml_text.encode())
+
+    def append_round(self, record: RoundRecord) -> None:
+        with self.metrics_path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record.to_json(), allow_nan=False) + "\n")
+
+    def write_model(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        tmp = self.model_path.with_suffix(".pt.tmp")
+        torch.save(dict(state_dict), tmp)
+        os.replace(tmp, self.model_path)
+
+    def _atomic_write(self, path: Path, data: bytes) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
