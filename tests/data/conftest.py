@@ -23,5 +23,5 @@ def shared_data_dir() -> Path:
     """Folder holding the real mnist/ and fashion-mnist/ IDX files ($FEDCRYPT_DATA or ../shared/data)."""
     path = Path(os.environ.get("FEDCRYPT_DATA") or Path(__file__).parents[3] / "shared" / "data")
     if not path.is_dir():
-        pytest.skip(f"real-data folder {path} not found; set FEDCRYPT_DATA to run these tests")
+        pytest.fail(f"real-data folder {path} not found; set FEDCRYPT_DATA to the shared data folder")
     return path

@@ -107,11 +107,23 @@ def test_offline_env_values(monkeypatch: pytest.MonkeyPatch, value: str, disable
 @pytest.mark.usefixtures("online")
 @pytest.mark.parametrize(
     "error",
-    [urllib.error.URLError("name resolution failed"), TimeoutError("timed out"), http.client.IncompleteRead(b"")],
+    [
+        urllib.error.URLError("name resolution failed"),
+        TimeoutError("timed out"),
+        http.client.IncompleteRead(b""),
+    ],
 )
-@pytest.mark.parametrize(("name", "subdir", "base_url"), [("mnist", "mnist", MNIST_URL), ("fashion_mnist", "fashion-mnist", FASHION_URL)])
+@pytest.mark.parametrize(
+    ("name", "subdir", "base_url"),
+    [("mnist", "mnist", MNIST_URL), ("fashion_mnist", "fashion-mnist", FASHION_URL)],
+)
 def test_failed_download_explains_and_leaves_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: Exception, name: str, subdir: str, base_url: str
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    error: Exception,
+    name: str,
+    subdir: str,
+    base_url: str,
 ) -> None:
     mirror = FakeMirror({}, error=error)
     monkeypatch.setattr(urllib.request, "urlopen", mirror)

@@ -52,10 +52,13 @@ class Dataset:
         for split, x, y in (("train", self.x_train, self.y_train), ("test", self.x_test, self.y_test)):
             if tuple(x.shape[1:]) != self.input_shape or len(x) != len(y):
                 raise ValueError(
-                    f"{self.name} {split}: x {x.shape} / y {y.shape} do not match input_shape {self.input_shape}"
+                    f"{self.name} {split}: x {x.shape} / y {y.shape} "
+                    f"do not match input_shape {self.input_shape}"
                 )
         if len(self.class_names) != self.num_classes:
-            raise ValueError(f"{self.name}: {len(self.class_names)} class names for {self.num_classes} classes")
+            raise ValueError(
+                f"{self.name}: {len(self.class_names)} class names for {self.num_classes} classes"
+            )
 
     @property
     def num_features(self) -> int:

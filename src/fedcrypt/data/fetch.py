@@ -56,7 +56,10 @@ def download_file(url: str, dest: Path, sha256: str) -> None:
     tmp = Path(tmp_name)
     try:
         digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp:
+        with (
+            os.fdopen(fd, "wb") as out,
+            urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp,
+        ):
             for chunk in iter(lambda: resp.read(_CHUNK), b""):
                 digest.update(chunk)
                 out.write(chunk)
@@ -69,7 +72,9 @@ def download_file(url: str, dest: Path, sha256: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _download_missing(folder: Path, missing: list[str], files: Mapping[str, str], base_url: str) -> str | None:
+def _download_missing(
+    folder: Path, missing: list[str], files: Mapping[str, str], base_url: str
+) -> str | None:
     """Download each missing file; return why it failed, or None on success."""
     for name in missing:
         url = base_url + name

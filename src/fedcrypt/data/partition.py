@@ -74,9 +74,11 @@ def _shards(
             f"shards: {num_clients} clients x {shards_per_client} shards = {num_shards} shards, "
             f"but only {n} samples; lower num_clients or shards_per_client"
         )
-    if shards_per_client * (n // num_shards) < min_size:
+    base, small_shards = n // num_shards, num_shards - n % num_shards
+    smallest_client = shards_per_client * base + max(0, shards_per_client - small_shards)
+    if smallest_client < min_size:
         raise ValueError(
-            f"shards: {num_shards} shards of ~{n // num_shards} samples cannot give each client "
+            f"shards: {num_shards} shards of ~{base} samples cannot give each client "
             f"{min_size} samples; lower min_size or num_clients, or raise shards_per_client"
         )
     shuffled = rng.permutation(n)  # random order within each label
@@ -111,7 +113,9 @@ def partition(
     ValueError with a message saying what to change.
     """
     if method not in PARTITION_METHODS:
-        raise ValueError(f"unknown partition method {method!r}; choose one of: {', '.join(PARTITION_METHODS)}")
+        raise ValueError(
+            f"unknown partition method {method!r}; choose one of: {', '.join(PARTITION_METHODS)}"
+        )
     labels = np.asarray(labels)
     if labels.ndim != 1 or labels.dtype.kind not in "iub":
         raise ValueError(f"labels must be a 1-D integer array, got shape {labels.shape} dtype {labels.dtype}")
@@ -119,7 +123,9 @@ def partition(
     if num_clients < 1:
         raise ValueError(f"num_clients must be >= 1, got {num_clients}")
     if num_clients > n:
-        raise ValueError(f"num_clients ({num_clients}) exceeds the number of samples ({n}); lower num_clients")
+        raise ValueError(
+            f"num_clients ({num_clients}) exceeds the number of samples ({n}); lower num_clients"
+        )
     if min_size < 1:
         raise ValueError(f"min_size must be >= 1, got {min_size}")
     if num_clients * min_size > n:

@@ -39,9 +39,7 @@ def summarize(partitions: Sequence[np.ndarray], labels: np.ndarray, num_classes:
 def _histogram(counts: Sequence[int]) -> str:
     """One bar character per class, scaled to the largest count ('·' for none)."""
     peak = max(counts, default=0)
-    return "".join(
-        _BARS[max(1, -(-len(_BARS) * c // peak)) - 1] if c else _EMPTY_BAR for c in counts
-    )
+    return "".join(_BARS[-(-len(_BARS) * c // peak) - 1] if c else _EMPTY_BAR for c in counts)
 
 
 def summary_table(summaries: Sequence[ClientSummary], class_names: Sequence[str] | None = None) -> Table:
