@@ -18,6 +18,7 @@ import os
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # read when flwr is imported
 
 import argparse  # noqa: E402
+import itertools  # noqa: E402
 import logging  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -29,7 +30,14 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from common import RESULTS_DIR, command_line, machine_info, write_json  # noqa: E402
-from flwr.common import NDArrays, Parameters, Scalar, ndarrays_to_parameters  # noqa: E402
+from flwr.common import (  # noqa: E402
+    FitIns,
+    FitRes,
+    NDArrays,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+)
 from flwr.server import ServerApp, ServerAppComponents, ServerConfig  # noqa: E402
 from flwr.server.client_manager import ClientManager  # noqa: E402
 from flwr.server.client_proxy import ClientProxy  # noqa: E402
@@ -49,6 +57,7 @@ class RoundTiming:
     """One round as the benchmark sees it (seconds)."""
 
     round: int
+    started: float  # since the system was called
     seconds: float
     train_seconds: float
     eval_seconds: float
@@ -61,21 +70,31 @@ class RoundTiming:
 
 @dataclass
 class RunResult:
-    """One run of one system: its rounds, and the time before round 1 and after the last."""
+    """One run of one system: its rounds and its total wall time from call to return."""
 
     rounds: list[RoundTiming]
-    startup_seconds: float
     total_seconds: float
+
+    @property
+    def startup_seconds(self) -> float:
+        """From calling the system to the start of round 1."""
+        return self.rounds[0].started
 
     def steady_overhead(self) -> float:
         """Mean overhead per round over rounds 2..R."""
         return statistics.fmean(r.overhead for r in self.rounds[1:])
+
+    def between_rounds(self) -> float:
+        """Mean time from the end of one round to the start of the next (outside every round)."""
+        pairs = itertools.pairwise(self.rounds)
+        return statistics.fmean(nxt.started - cur.started - cur.seconds for cur, nxt in pairs)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "startup_seconds": self.startup_seconds,
             "total_seconds": self.total_seconds,
             "steady_overhead_seconds": self.steady_overhead(),
+            "between_rounds_seconds": self.between_rounds(),
             "round1_overhead_seconds": self.rounds[0].overhead,
             "final_accuracy": self.rounds[-1].accuracy,
             "rounds": [asdict(r) | {"overhead": r.overhead} for r in self.rounds],
@@ -89,23 +108,24 @@ def run_loop(job: JobConfig) -> RunResult:
     params = task.initial_params
     total_examples = sum(data.num_examples for data in task.clients)
     rounds: list[RoundTiming] = []
-    first_started = time.perf_counter()
     for server_round in range(1, job.job.rounds + 1):
         started = time.perf_counter()
         summed = np.zeros_like(params)
         train_seconds = 0.0
-        for name, data in zip(task.names, task.clients):
-            result = task.trainer.fit(params, data, seed=client_seed(job.job.seed, server_round, name))
+        for name, data in zip(task.names, task.clients, strict=True):
+            seed = client_seed(job.job.seed, server_round, name)
+            result = task.trainer.fit(params, data, seed=seed)
             summed += data.num_examples * result.params
             train_seconds += result.seconds
         params = (summed / total_examples).astype(np.float32)
         eval_started = time.perf_counter()
         _, accuracy = task.trainer.evaluate(params, task.test)
         ended = time.perf_counter()
+        wall, eval_seconds = ended - started, ended - eval_started
         rounds.append(
-            RoundTiming(server_round, ended - started, train_seconds, ended - eval_started, accuracy)
+            RoundTiming(server_round, started - called, wall, train_seconds, eval_seconds, accuracy)
         )
-    return RunResult(rounds, first_started - called, time.perf_counter() - called)
+    return RunResult(rounds, time.perf_counter() - called)
 
 
 def run_fedcrypt(job: JobConfig) -> RunResult:
@@ -114,11 +134,18 @@ def run_fedcrypt(job: JobConfig) -> RunResult:
     called = time.perf_counter()
     simulate(job, on_round=lambda record: records.append((time.perf_counter(), record)))
     total = time.perf_counter() - called
-    first_ended, first = records[0]
     rounds = [
-        RoundTiming(r.round, r.seconds, r.train_seconds, r.eval_seconds, r.accuracy) for _, r in records
+        RoundTiming(
+            r.round,
+            ended - r.seconds - called,
+            r.seconds,
+            r.train_seconds,
+            r.eval_seconds,
+            r.accuracy,
+        )
+        for ended, r in records
     ]
-    return RunResult(rounds, first_ended - first.seconds - called, total)
+    return RunResult(rounds, total)
 
 
 class TimedFedAvg(FedAvg):
@@ -145,23 +172,25 @@ class TimedFedAvg(FedAvg):
 
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
-    ) -> list[tuple[ClientProxy, Any]]:
+    ) -> list[tuple[ClientProxy, FitIns]]:
         self.started[server_round] = time.perf_counter()
         return super().configure_fit(server_round, parameters, client_manager)
 
     def aggregate_fit(
         self,
         server_round: int,
-        results: list[tuple[ClientProxy, Any]],
-        failures: list[Any],
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         if failures or len(results) != NUM_CLIENTS:
-            raise RuntimeError(f"round {server_round}: {len(results)} results, failures: {failures}")
+            raise RuntimeError(f"round {server_round}: {len(results)} results, failures {failures}")
         aggregated, metrics = super().aggregate_fit(server_round, results, failures)
         self.train_seconds[server_round] = float(metrics["train_seconds"])
         return aggregated, metrics
 
-    def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
+    def evaluate(
+        self, server_round: int, parameters: Parameters
+    ) -> tuple[float, dict[str, Scalar]] | None:
         result = super().evaluate(server_round, parameters)
         if server_round > 0:
             self.ended[server_round] = time.perf_counter()
@@ -178,10 +207,16 @@ class TimedFedAvg(FedAvg):
         self.accuracy[server_round] = accuracy
         return loss, {"accuracy": accuracy}
 
-    def timings(self) -> list[RoundTiming]:
+    def timings(self, called: float) -> list[RoundTiming]:
+        """The rounds, with start times relative to ``called``."""
         return [
             RoundTiming(
-                r, self.ended[r] - self.started[r], self.train_seconds[r], self.eval_seconds[r], self.accuracy[r]
+                r,
+                self.started[r] - called,
+                self.ended[r] - self.started[r],
+                self.train_seconds[r],
+                self.eval_seconds[r],
+                self.accuracy[r],
             )
             for r in sorted(self.ended)
         ]
@@ -211,10 +246,10 @@ def run_flower(job: JobConfig) -> RunResult:
         },
     )
     total = time.perf_counter() - called
-    rounds = strategy.timings()
+    rounds = strategy.timings(called)
     if len(rounds) != job.job.rounds:
         raise RuntimeError(f"Flower finished {len(rounds)} of {job.job.rounds} rounds")
-    return RunResult(rounds, strategy.started[1] - called, total)
+    return RunResult(rounds, total)
 
 
 SYSTEMS: dict[str, Callable[[JobConfig], RunResult]] = {
@@ -225,36 +260,47 @@ SYSTEMS: dict[str, Callable[[JobConfig], RunResult]] = {
 
 
 def summarize(runs: list[RunResult]) -> dict[str, float]:
-    """Medians over repeats of the per-run figures."""
+    """Medians over repeats of the per-run figures (per-round means over rounds 2..R)."""
 
-    def median(values: list[float]) -> float:
-        return statistics.median(values)
+    def steady(field: str) -> float:
+        return statistics.median(
+            statistics.fmean(getattr(r, field) for r in run.rounds[1:]) for run in runs
+        )
 
     return {
-        "steady_overhead_seconds": median([run.steady_overhead() for run in runs]),
-        "round_seconds": median([statistics.fmean(r.seconds for r in run.rounds[1:]) for run in runs]),
-        "train_seconds": median([statistics.fmean(r.train_seconds for r in run.rounds[1:]) for run in runs]),
-        "eval_seconds": median([statistics.fmean(r.eval_seconds for r in run.rounds[1:]) for run in runs]),
-        "startup_and_round1_overhead_seconds": median(
-            [run.startup_seconds + run.rounds[0].overhead for run in runs]
+        "steady_overhead_seconds": statistics.median(run.steady_overhead() for run in runs),
+        "round_seconds": steady("seconds"),
+        "train_seconds": steady("train_seconds"),
+        "eval_seconds": steady("eval_seconds"),
+        "between_rounds_seconds": statistics.median(run.between_rounds() for run in runs),
+        "startup_and_round1_overhead_seconds": statistics.median(
+            run.startup_seconds + run.rounds[0].overhead for run in runs
         ),
-        "final_accuracy": median([run.rounds[-1].accuracy for run in runs]),
+        "final_accuracy": statistics.median(run.rounds[-1].accuracy for run in runs),
     }
 
 
 def markdown_table(summaries: dict[str, dict[str, float]]) -> str:
+    """One row per system; the ratio column is Flower's overhead over the row's."""
     flower = summaries["Flower"]["steady_overhead_seconds"]
     lines = [
         "| system | round s | train s | eval s | overhead s/round | Flower / system "
-        "| start-up + round-1 overhead s | final accuracy |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| between rounds s | start-up + round-1 overhead s | final accuracy |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, s in summaries.items():
-        lines.append(
-            f"| {name} | {s['round_seconds']:.4f} | {s['train_seconds']:.4f} | {s['eval_seconds']:.4f} "
-            f"| {s['steady_overhead_seconds']:.4f} | {flower / s['steady_overhead_seconds']:.1f}x "
-            f"| {s['startup_and_round1_overhead_seconds']:.2f} | {s['final_accuracy']:.4f} |"
-        )
+        cells = [
+            name,
+            f"{s['round_seconds']:.4f}",
+            f"{s['train_seconds']:.4f}",
+            f"{s['eval_seconds']:.4f}",
+            f"{s['steady_overhead_seconds']:.4f}",
+            f"{flower / s['steady_overhead_seconds']:.1f}x",
+            f"{s['between_rounds_seconds']:.4f}",
+            f"{s['startup_and_round1_overhead_seconds']:.2f}",
+            f"{s['final_accuracy']:.4f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -286,7 +332,8 @@ def main() -> None:
 
     summaries = {name: summarize(results) for name, results in runs.items()}
     accuracies = [s["final_accuracy"] for s in summaries.values()]
-    ratio = summaries["Flower"]["steady_overhead_seconds"] / summaries["fedcrypt"]["steady_overhead_seconds"]
+    overhead = {name: s["steady_overhead_seconds"] for name, s in summaries.items()}
+    ratio = overhead["Flower"] / overhead["fedcrypt"]
     write_json(
         args.out,
         {

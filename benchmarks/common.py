@@ -21,7 +21,7 @@ def command_line() -> str:
 
 def machine_info(packages: tuple[str, ...]) -> dict[str, Any]:
     """Platform, CPU and the versions of ``packages`` (those installed)."""
-    versions = {}
+    versions: dict[str, str | None] = {}
     for name in packages:
         try:
             versions[name] = metadata.version(name)

@@ -26,7 +26,8 @@ NUM_CLIENTS = 10
 
 
 def make_job(rounds: int = 5) -> JobConfig:
-    """Digits, 10 IID clients, MLP 64-64-10, 1 local epoch of SGD (batch 32, lr 0.1, momentum 0.9)."""
+    """Digits, 10 IID clients, MLP 64-64-10, one local epoch of SGD (batch 32, lr 0.1, momentum
+    0.9), FedAvg over every client each round."""
     return JobConfig().with_overrides(
         job={"name": "bench-overhead", "rounds": rounds, "seed": 0},
         data={"dataset": "digits", "num_clients": NUM_CLIENTS, "partition": "iid"},
@@ -49,10 +50,12 @@ class Task:
 
 
 def build_task(job: JobConfig) -> Task:
-    """Build the task exactly as ``fedcrypt.simulate`` does (same seed, model init and partition)."""
+    """Build the task as ``fedcrypt.simulate`` does (same seed, model init and partition)."""
     dataset = load_dataset(job.data.dataset)
     torch.manual_seed(job.job.seed)
-    model = build_model(job.model.name, dataset.input_shape, dataset.num_classes, hidden=job.model.hidden)
+    model = build_model(
+        job.model.name, dataset.input_shape, dataset.num_classes, hidden=job.model.hidden
+    )
     trainer = LocalTrainer(model, TrainConfig(**job.train.model_dump()))
     x_train = torch.from_numpy(np.array(dataset.x_train))
     y_train = torch.from_numpy(np.array(dataset.y_train))
@@ -60,8 +63,11 @@ def build_task(job: JobConfig) -> Task:
         ClientData(x_train, y_train, torch.from_numpy(indices))
         for indices in partition_clients(job, dataset)
     ]
-    test = ClientData.whole(torch.from_numpy(np.array(dataset.x_test)), torch.from_numpy(np.array(dataset.y_test)))
-    return Task(job, trainer, client_names(job.data.num_clients), clients, test, trainer.initial_params())
+    test = ClientData.whole(
+        torch.from_numpy(np.array(dataset.x_test)), torch.from_numpy(np.array(dataset.y_test))
+    )
+    names = client_names(job.data.num_clients)
+    return Task(job, trainer, names, clients, test, trainer.initial_params())
 
 
 @functools.cache
@@ -77,7 +83,9 @@ class BenchClient(NumPyClient):
     def __init__(self, partition_id: int) -> None:
         self.partition_id = partition_id
 
-    def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
+    def fit(
+        self, parameters: NDArrays, config: dict[str, Scalar]
+    ) -> tuple[NDArrays, int, dict[str, Scalar]]:
         task = worker_task()
         name = task.names[self.partition_id]
         data = task.clients[self.partition_id]

@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedcrypt.data import DATASETS, PARTITION_METHODS
 from fedcrypt.mechanisms import MECHANISMS
@@ -22,7 +22,7 @@ class JobError(Exception):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class JobSection(_Section):
@@ -39,21 +39,15 @@ class DataSection(_Section):
     shards_per_client: int = Field(2, ge=1, le=1000)
     data_dir: str | None = None
 
-    @model_validator(mode="after")
-    def _known_names(self) -> DataSection:
-        _check_choice("dataset", self.dataset, DATASETS)
-        _check_choice("partition", self.partition, PARTITION_METHODS)
-        return self
+    _dataset = field_validator("dataset")(lambda v: _check_choice("dataset", v, DATASETS))
+    _partition = field_validator("partition")(lambda v: _check_choice("partition", v, PARTITION_METHODS))
 
 
 class ModelSection(_Section):
     name: str = "mlp"
     hidden: tuple[Annotated[int, Field(ge=1, le=65536)], ...] = (64, 64)
 
-    @model_validator(mode="after")
-    def _known_name(self) -> ModelSection:
-        _check_choice("name", self.name, MODELS)
-        return self
+    _name = field_validator("name")(lambda v: _check_choice("model", v, MODELS))
 
 
 class TrainSection(_Section):
@@ -104,10 +98,7 @@ StrategySection = Annotated[
 class PrivacySection(_Section):
     mechanism: str = "none"
 
-    @model_validator(mode="after")
-    def _known_mechanism(self) -> PrivacySection:
-        _check_choice("mechanism", self.mechanism, tuple(MECHANISMS))
-        return self
+    _mechanism = field_validator("mechanism")(lambda v: _check_choice("mechanism", v, tuple(MECHANISMS)))
 
 
 class JobConfig(_Section):
@@ -173,26 +164,30 @@ def load_job(path: str | Path) -> JobConfig:
     return parse_job(raw, source=str(path))
 
 
-def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+def _check_choice(kind: str, value: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
-        raise ValueError(f"unknown {key} {value!r}; choose one of: {', '.join(choices)}")
+        raise ValueError(f"unknown {kind} {value!r}; choose one of: {', '.join(choices)}")
+    return value
 
 
 def _first_error(exc: ValidationError) -> str:
     error = exc.errors()[0]
-    # Drop the discriminator tag pydantic inserts for tagged unions (strategy.fedavg.x -> strategy.x).
-    loc = [str(p) for p in error["loc"] if p not in ("fedavg", "fedprox", "fedadam", "fedyogi")]
-    key = ".".join(loc) or "(top level)"
+    # pydantic puts the tag of a tagged union in the location (strategy.fedavg.x): lift it out.
+    tags = [str(p) for p in error["loc"] if p in _STRATEGY_NAMES]
+    loc = [str(p) for p in error["loc"] if p not in _STRATEGY_NAMES]
+    key = ".".join(loc)
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
-        message = "unknown key"
+        message = f"unknown key (not a setting of strategy {tags[0]!r})" if tags else "unknown key"
     elif error["type"] == "union_tag_invalid":
-        message = f"unknown strategy {error['input']!r}; choose one of: fedavg, fedprox, fedadam, fedyogi"
-    elif "input" in error and error["type"] not in ("missing", "value_error") and not isinstance(
-        error["input"], dict
-    ):
+        key += ".name"
+        message = f"unknown strategy {error['ctx']['tag']!r}; choose one of: {', '.join(_STRATEGY_NAMES)}"
+    elif error["type"] not in ("missing", "value_error") and not isinstance(error.get("input"), dict):
         message += f" (got {error['input']!r})"
-    return f"{key}: {message}" if loc else message
+    return f"{key}: {message}" if key else message
+
+
+_STRATEGY_NAMES = ("fedavg", "fedprox", "fedadam", "fedyogi")
 
 
 def _toml_value(value: Any) -> str:

@@ -1,0 +1,81 @@
+"""The command line as a user meets it: real subprocesses for the error paths (no traceback, exit
+status 2), and a full quickstart run that writes the run directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+QUICKSTART = REPO / "examples" / "quickstart.toml"
+
+
+def fedcrypt(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fedcrypt.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
+        timeout=300,
+    )
+
+
+def test_quickstart_runs_end_to_end_and_writes_the_run_directory(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = fedcrypt("run", str(QUICKSTART), "--out", str(out), "--rounds", "12", "--seed", "1")
+    assert result.returncode == 0, result.stderr
+    assert "final accuracy" in result.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == list(range(1, 13))
+    for row in rows:
+        assert {"accuracy", "loss", "bytes_up", "bytes_down", "seconds", "train_seconds"} <= row.keys()
+        assert row["status"] == "ok" and row["bytes_up"] > 0 and row["bytes_down"] > 0
+    assert rows[-1]["accuracy"] >= 0.9
+    state = torch.load(out / "model.pt")
+    assert set(state) == {"1.weight", "1.bias", "3.weight", "3.bias", "5.weight", "5.bias"}
+    resolved = (out / "job.toml").read_text()
+    assert "rounds = 12" in resolved and "seed = 1" in resolved
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("[job]\nrouns = 3\n", "job.rouns: unknown key"),
+        ("[strategy]\nfraction_fit = 2.0\n", "strategy.fraction_fit"),
+        ("[job\n", "not valid TOML"),
+        ('[data]\ndataset = "mnist"\n', "MNIST files missing"),
+        ('[data]\ndataset = "digits"\n[model]\nname = "cnn"\n', "28x28"),
+    ],
+)
+def test_user_errors_print_one_line_and_exit_2(tmp_path: Path, content: str, message: str) -> None:
+    job = tmp_path / "job.toml"
+    job.write_text(content)
+    result = fedcrypt("run", str(job), "--out", str(tmp_path / "out"), env={"FEDCRYPT_DATA": str(tmp_path)})
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_bad_flags_and_missing_files_exit_2_without_traceback(tmp_path: Path) -> None:
+    for args in (["run", str(QUICKSTART), "--rounds", "zero"], ["run", str(tmp_path / "nope.toml")]):
+        result = fedcrypt(*args)
+        assert result.returncode == 2, args
+        assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_data_command_prints_the_partition_summary() -> None:
+    result = fedcrypt("data", str(QUICKSTART))
+    assert result.returncode == 0, result.stderr
+    assert "1437 training examples" in result.stdout and "10 clients" in result.stdout
+
+
+def test_check_prints_the_resolved_job() -> None:
+    result = fedcrypt("check", str(QUICKSTART))
+    assert result.returncode == 0 and 'mechanism = "none"' in result.stdout
