@@ -79,3 +79,10 @@ def test_data_command_prints_the_partition_summary() -> None:
 def test_check_prints_the_resolved_job() -> None:
     result = fedcrypt("check", str(QUICKSTART))
     assert result.returncode == 0 and 'mechanism = "none"' in result.stdout
+
+
+def test_an_existing_run_is_never_overwritten(tmp_path: Path) -> None:
+    (tmp_path / "metrics.jsonl").write_text('{"round": 1}\n')
+    result = fedcrypt("run", str(QUICKSTART), "--out", str(tmp_path), "--rounds", "1")
+    assert result.returncode == 2 and "already holds a run" in result.stderr
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"round": 1}\n'

@@ -14,6 +14,8 @@ from fedcrypt.core.server import RoundRecord
 
 
 class RunDirectory:
+    """Creates the folder (refusing one that already holds a run) and writes as the run goes."""
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         try:
@@ -23,6 +25,8 @@ class RunDirectory:
         self.metrics_path = self.path / "metrics.jsonl"
         self.model_path = self.path / "model.pt"
         self.job_path = self.path / "job.toml"
+        if self.metrics_path.exists() and self.metrics_path.stat().st_size:
+            raise FileExistsError(f"{self.path} already holds a run; choose another output folder")
         self.metrics_path.write_text("")
 
     def write_job(self, toml_text: str) -> None:
