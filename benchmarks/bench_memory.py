@@ -21,7 +21,7 @@ import torch
 from common import RESULTS_DIR, command_line, machine_info, write_json
 
 from fedcrypt import JobConfig, simulate
-from fedcrypt.data import load_dataset
+from fedcrypt.data import load_dataset, resolve_data_dir
 from fedcrypt.simulation import partition_clients
 
 GOAL_BYTES = 2 * 1024**3
@@ -75,6 +75,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     result = simulate(job, data_dir=args.data_dir)
     return {
         "job": job.model_dump(mode="json"),
+        "data_dir": str(resolve_data_dir(args.data_dir)),
         "partition_used": partition,
         "partition_note": note,
         "client_sizes": {"min": min(sizes), "max": max(sizes), "mean": sum(sizes) / len(sizes)},
@@ -130,6 +131,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(measure(args)))
         return
+    machine = machine_info(("fedcrypt", "torch", "numpy"))
     child = [sys.executable, __file__, "--child", *sys.argv[1:]]
     completed = subprocess.run(child, check=True, stdout=subprocess.PIPE, text=True)
     figures = json.loads(completed.stdout.strip().splitlines()[-1])
@@ -137,7 +139,7 @@ def main() -> None:
     payload = {
         "benchmark": "memory",
         "command": command_line(),
-        "machine": machine_info(("fedcrypt", "torch", "numpy")),
+        "machine": machine,
         "goal_peak_rss_bytes": GOAL_BYTES,
         "measurement": "ru_maxrss of a fresh subprocess that runs only this simulation",
         **figures,

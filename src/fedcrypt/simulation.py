@@ -81,9 +81,7 @@ def simulate(
         run_dir.write_job(config.to_toml())
 
     dataset = load_dataset(config.data.dataset, data_dir or config.data.data_dir)
-    torch.manual_seed(config.job.seed)
-    model = model_factory() if model_factory else _named_model(config, dataset)
-    trainer = LocalTrainer(model, TrainConfig(**config.train.model_dump()))
+    trainer = build_trainer(config, dataset, model_factory)
     server = _build(config, dataset, trainer)
     history: list[RoundRecord] = []
     for server_round in range(1, config.job.rounds + 1):
@@ -112,15 +110,28 @@ def partition_clients(config: JobConfig, dataset: Dataset) -> list[np.ndarray]:
     )
 
 
-def _named_model(config: JobConfig, dataset: Dataset) -> nn.Module:
-    return build_model(config.model.name, dataset.input_shape, dataset.num_classes, hidden=config.model.hidden)
+def build_trainer(config: JobConfig, dataset: Dataset, model_factory: ModelFactory | None = None) -> LocalTrainer:
+    """The job's model (initialized from the job seed) with its local training settings."""
+    torch.manual_seed(config.job.seed)
+    if model_factory is not None:
+        model = model_factory()
+    else:
+        model = build_model(config.model.name, dataset.input_shape, dataset.num_classes, hidden=config.model.hidden)
+    return LocalTrainer(model, TrainConfig(**config.train.model_dump()))
+
+
+def train_tensors(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.from_numpy(np.array(dataset.x_train)), torch.from_numpy(np.array(dataset.y_train))
+
+
+def evaluation_data(dataset: Dataset) -> ClientData:
+    return ClientData.whole(torch.from_numpy(np.array(dataset.x_test)), torch.from_numpy(np.array(dataset.y_test)))
 
 
 def _build(config: JobConfig, dataset: Dataset, trainer: LocalTrainer) -> Server:
     """Wire clients, transport and server for one simulation."""
-    x_train = torch.from_numpy(np.array(dataset.x_train))
-    y_train = torch.from_numpy(np.array(dataset.y_train))
-    test = ClientData.whole(torch.from_numpy(np.array(dataset.x_test)), torch.from_numpy(np.array(dataset.y_test)))
+    x_train, y_train = train_tensors(dataset)
+    test = evaluation_data(dataset)
     parts = partition_clients(config, dataset)
     mechanism = build_mechanism(config.privacy.mechanism)
     clients = {

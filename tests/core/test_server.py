@@ -69,6 +69,8 @@ class ScriptedClient:
         ctx = RoundContext(JOB, message.round, message.participants, SIZE + 1)
         self.protector = self.mechanism.client_round(ctx, self.name)
         payload = self.protector.respond(self.mechanism.stages[0], message.payload, self.contribution)
+        if len(self.mechanism.stages) == 1:
+            self.contribution = np.empty(0)  # like the real client: nothing kept after the last stage
         rnd = message.round - 1 if self.fault == "stale" else message.round
         examples = 0 if self.fault == "zero_examples" else self.examples
         sender = "someone-else" if self.fault == "impersonate" else self.name

@@ -18,7 +18,12 @@ from fedcrypt import __version__
 from fedcrypt.config.job import JobConfig, JobError, load_job
 from fedcrypt.core.server import RoundRecord
 from fedcrypt.data import DatasetError, load_dataset, summarize, summary_table
+from fedcrypt.cli.certs import certs
+from fedcrypt.deployment import DeploymentError, join, serve
 from fedcrypt.simulation import partition_clients, simulate
+from fedcrypt.tracking.checkpoint import CheckpointError
+from fedcrypt.transport.certs import CertError, TlsFiles, client_files, server_files
+from fedcrypt.transport.grpc_client import ClientLimits
 
 app = typer.Typer(
     name="fedcrypt",
@@ -44,7 +49,7 @@ class UserError(Exception):
 def _user_errors() -> Iterator[None]:
     try:
         yield
-    except (UserError, JobError, DatasetError, ValueError, OSError) as exc:
+    except (UserError, JobError, DatasetError, CertError, CheckpointError, DeploymentError, ValueError, OSError) as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
@@ -153,6 +158,83 @@ def data(
         f"{job.data.num_clients} clients, partition {job.data.partition}"
     )
     console.print(summary_table(summarize(parts, dataset.y_train, dataset.num_classes), dataset.class_names))
+
+
+@app.command()
+def server(
+    job_file: JobArg,
+    address: Annotated[str, typer.Option(help="HOST:PORT to listen on.")] = "127.0.0.1:8443",
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: runs/<job>-server).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue after the last checkpointed round in --out.")] = False,
+    certs_dir: Annotated[Path | None, typer.Option("--certs", help="Folder from `fedcrypt certs`.")] = None,
+    insecure: Annotated[bool, typer.Option(help="Plaintext, unauthenticated gRPC (loopback only).")] = False,
+    revoked: Annotated[str, typer.Option(help="Comma-separated client names to refuse.")] = "",
+    data_dir: DataDirOpt = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each step.")] = False,
+) -> None:
+    """Serve a job to remote clients over gRPC (mutual TLS unless --insecure)."""
+    _setup_logging(verbose)
+    with _user_errors():
+        job = _load(job_file)
+        tls = _tls(certs_dir, insecure, lambda d: server_files(d))
+        out_dir = out or Path("runs") / f"{job.job.name}-server"
+        console.print(
+            f"[bold]{job.job.name}[/]: serving {job.job.rounds} rounds on {address} "
+            f"({'TLS' if tls else '[red]INSECURE[/]'}), mechanism [bold]{job.privacy.mechanism}[/]"
+        )
+        with _round_display(job.job.rounds, quiet=False) as on_round:
+            result = serve(
+                job,
+                address=address,
+                out_dir=out_dir,
+                tls=tls,
+                resume=resume,
+                revoked=tuple(n for n in revoked.split(",") if n),
+                data_dir=data_dir,
+                on_round=on_round,
+                on_listening=lambda port: console.print(f"listening on port {port}; waiting for clients"),
+            )
+    done = len(result.history) + result.resumed_from
+    console.print(f"[bold green]done[/]: {done} rounds; wrote {out_dir}/", highlight=False)
+
+
+@app.command()
+def client(
+    server_address: Annotated[str, typer.Option("--server", help="Server HOST:PORT.")],
+    name: Annotated[str, typer.Option(help="This client's name (its certificate's common name).")],
+    partition: Annotated[int, typer.Option(min=0, help="Train on partition I of the job's dataset split.")] = 0,
+    certs_dir: Annotated[Path | None, typer.Option("--certs", help="Folder with ca.pem, NAME.pem, NAME.key.")] = None,
+    insecure: Annotated[bool, typer.Option(help="Plaintext, unauthenticated gRPC (loopback only).")] = False,
+    reconnect_timeout: Annotated[float, typer.Option(min=0, help="Seconds to keep retrying an unreachable server.")] = 60.0,
+    data_dir: DataDirOpt = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each step.")] = False,
+) -> None:
+    """Join a server's job and train on local data until the job ends."""
+    _setup_logging(verbose)
+    with _user_errors():
+        tls = _tls(certs_dir, insecure, lambda d: client_files(d, name))
+        answered = join(
+            server_address,
+            name,
+            tls=tls,
+            partition=partition,
+            data_dir=data_dir,
+            limits=ClientLimits(reconnect_timeout=reconnect_timeout),
+        )
+    console.print(f"[bold green]done[/]: answered {answered} requests as {name}")
+
+
+def _tls(certs_dir: Path | None, insecure: bool, files: Callable[[Path], TlsFiles]) -> TlsFiles | None:
+    if insecure:
+        if certs_dir:
+            raise UserError("--insecure and --certs exclude each other")
+        return None
+    if certs_dir is None:
+        raise UserError("TLS needs --certs DIR (create one with `fedcrypt certs`), or pass --insecure on loopback")
+    return files(certs_dir)
+
+
+app.command()(certs)
 
 
 @app.command()

@@ -101,6 +101,18 @@ class PrivacySection(_Section):
     _mechanism = field_validator("mechanism")(lambda v: _check_choice("mechanism", v, tuple(MECHANISMS)))
 
 
+class DeploySection(_Section):
+    """Settings of `fedcrypt server`: deadlines, retries and message limits."""
+
+    min_clients: int | None = Field(None, ge=1, description="clients to wait for; default min_fit_clients")
+    wait_timeout: float = Field(300.0, gt=0, le=86_400)
+    round_timeout: float = Field(600.0, gt=0, le=86_400)
+    liveness_timeout: float = Field(30.0, gt=0, le=3_600)
+    max_retries: int = Field(2, ge=0, le=100)
+    max_message_mb: int = Field(4096, ge=1, le=1 << 20)
+    chunk_kb: int = Field(1024, ge=1, le=3072)
+
+
 class JobConfig(_Section):
     """A whole job: what to train, on which data, with which strategy and protection."""
 
@@ -110,6 +122,7 @@ class JobConfig(_Section):
     train: TrainSection = Field(default_factory=TrainSection)
     strategy: StrategySection = Field(default_factory=FedAvgSection)
     privacy: PrivacySection = Field(default_factory=PrivacySection)
+    deploy: DeploySection = Field(default_factory=DeploySection)
 
     @model_validator(mode="before")
     @classmethod

@@ -85,6 +85,8 @@ class Client:
             if self._protector is None or message.round != self._round or self._contribution is None:
                 raise ValueError(f"stage {message.stage!r} for round {message.round} without a fit")
             payload = self._protector.respond(message.stage, message.payload, self._contribution)
+            if message.stage == self.mechanism.stages[-1]:
+                self._forget_round()
             return StageRes(message.round, message.stage, payload)
         if isinstance(message, Shutdown):
             self.finished = True
@@ -107,12 +109,19 @@ class Client:
         self._protector = self.mechanism.client_round(ctx, self.name)
         started = time.perf_counter()
         payload = self._protector.respond(self.mechanism.stages[0], ins.payload, self._contribution)
+        if len(self.mechanism.stages) == 1:
+            self._forget_round()
         metrics = {
             "train_loss": result.train_loss,
             "train_seconds": result.seconds,
             "protect_seconds": time.perf_counter() - started,
         }
         return FitRes(ins.round, self.data.num_examples, metrics, payload)
+
+    def _forget_round(self) -> None:
+        """Drop the plaintext update once the mechanism no longer needs it (memory, and exposure)."""
+        self._protector = None
+        self._contribution = None
 
     def _reply(self, message: Message) -> bytes:
         return to_bytes(message, job=self.job, sender=self.name)

@@ -3,7 +3,8 @@
 A round is: ``FitIns`` (global model, training config, the mechanism's first request) ->
 ``FitRes`` (sample count, training metrics, the protected update); mechanisms with more stages
 (SecAgg+, BatchCrypt's statistics exchange) continue with ``StageIns`` -> ``StageRes`` pairs.
-``Shutdown`` ends a client; ``ErrorReply`` is how a client reports a refused request.
+``Shutdown`` ends a client; ``ErrorReply`` is how a client reports a refused request;
+``JobSpec`` tells a newly connected client of a deployment which job it joined.
 """
 
 from __future__ import annotations
@@ -75,7 +76,16 @@ class Shutdown:
     round: int = 0
 
 
-Message = Union[FitIns, FitRes, StageIns, StageRes, ErrorReply, Shutdown]
+@dataclass
+class JobSpec:
+    """The job description a deployed server sends a client when it first connects."""
+
+    TYPE: ClassVar[str] = "job"
+    toml: str
+    round: int = 0
+
+
+Message = Union[FitIns, FitRes, StageIns, StageRes, ErrorReply, Shutdown, JobSpec]
 
 
 @dataclass(frozen=True)
@@ -106,6 +116,8 @@ def to_bytes(message: Message, *, job: str, sender: str) -> bytes:
         meta["stage"] = message.stage
     elif isinstance(message, ErrorReply):
         meta["reason"] = message.reason
+    elif isinstance(message, JobSpec):
+        meta["toml"] = message.toml
     return encode(Envelope(message.TYPE, job, message.round, sender, meta, blobs))
 
 
@@ -137,6 +149,8 @@ def from_bytes(data: bytes | bytearray | memoryview) -> Received:
         message = ErrorReply(env.round, _field(meta, "reason", str))
     elif env.type == Shutdown.TYPE:
         message = Shutdown(env.round)
+    elif env.type == JobSpec.TYPE:
+        message = JobSpec(_field(meta, "toml", str), env.round)
     else:
         raise WireError(f"unknown message type {env.type!r}")
     return Received(message, env.job, env.sender)

@@ -109,6 +109,17 @@ class Server:
         record.seconds = time.perf_counter() - started
         return record
 
+    def snapshot(self) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, Any]]:
+        """What a checkpoint must hold to continue exactly: model, strategy state, sampler state."""
+        return self.params.copy(), self.strategy.state(), self._sampler.bit_generator.state
+
+    def restore(self, params: np.ndarray, strategy_state: dict[str, np.ndarray], sampler: dict[str, Any]) -> None:
+        if params.shape != self.params.shape:
+            raise ValueError(f"checkpoint model has {params.shape[0]} parameters, the job's has {self.params.shape[0]}")
+        self.params = np.asarray(params, dtype=np.float32).copy()
+        self.strategy.load_state(strategy_state)
+        self._sampler.bit_generator.state = sampler
+
     def shutdown(self) -> None:
         """Tell every client the job is over."""
         message = to_bytes(Shutdown(0), job=self.job, sender=SERVER_NAME)

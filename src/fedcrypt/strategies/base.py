@@ -45,6 +45,15 @@ class Strategy(ABC):
         """Settings sent to every client with the round's model."""
         return {"weighting": self.weighting}
 
+    def state(self) -> dict[str, np.ndarray]:
+        """Arrays the strategy carries between rounds (for checkpoints); none by default."""
+        return {}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        """Restore what :meth:`state` returned."""
+        if state:
+            raise ValueError(f"strategy {self.name!r} keeps no state, got {sorted(state)}")
+
     @abstractmethod
     def apply(self, params: np.ndarray, average_delta: np.ndarray) -> np.ndarray:
         """The next global model, given the current one and the clients' weighted average delta."""

@@ -31,6 +31,14 @@ class FedAdam(Strategy):
         self.m_: np.ndarray | None = None
         self.v_: np.ndarray | None = None
 
+    def state(self) -> dict[str, np.ndarray]:
+        return {} if self.m_ is None or self.v_ is None else {"m": self.m_, "v": self.v_}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        if state and set(state) != {"m", "v"}:
+            raise ValueError(f"{self.name} state needs arrays m and v, got {sorted(state)}")
+        self.m_, self.v_ = (state["m"], state["v"]) if state else (None, None)
+
     def _second_moment(self, v: np.ndarray, delta_sq: np.ndarray) -> np.ndarray:
         return self.beta2 * v + (1 - self.beta2) * delta_sq
 

@@ -1,5 +1,6 @@
 """A run's output folder: ``job.toml`` (resolved), ``metrics.jsonl`` (one line per round, written
-as each round ends) and ``model.pt`` (the final global state_dict, written atomically)."""
+as each round ends), ``model.pt`` (the final global state_dict, written atomically) and, for
+deployed servers, ``checkpoint.npz`` (see :mod:`fedcrypt.tracking.checkpoint`)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from fedcrypt.core.server import RoundRecord
 class RunDirectory:
     """Creates the folder (refusing one that already holds a run) and writes as the run goes."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, resume: bool = False) -> None:
         self.path = Path(path)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -25,8 +26,11 @@ class RunDirectory:
         self.metrics_path = self.path / "metrics.jsonl"
         self.model_path = self.path / "model.pt"
         self.job_path = self.path / "job.toml"
+        self.checkpoint_path = self.path / "checkpoint.npz"
+        if resume:
+            return
         if self.metrics_path.exists() and self.metrics_path.stat().st_size:
-            raise FileExistsError(f"{self.path} already holds a run; choose another output folder")
+            raise FileExistsError(f"{self.path} already holds a run; choose another output folder or --resume")
         self.metrics_path.write_text("")
 
     def write_job(self, toml_text: str) -> None:
@@ -35,6 +39,12 @@ class RunDirectory:
     def append_round(self, record: RoundRecord) -> None:
         with self.metrics_path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record.to_json(), allow_nan=False) + "\n")
+
+    def keep_rounds(self, last_round: int) -> None:
+        """Drop metric lines after ``last_round`` (written before a crash, not checkpointed)."""
+        lines = self.metrics_path.read_text().splitlines() if self.metrics_path.exists() else []
+        kept = [line for line in lines if json.loads(line)["round"] <= last_round]
+        self._atomic_write(self.metrics_path, "".join(line + "\n" for line in kept).encode())
 
     def write_model(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         tmp = self.model_path.with_suffix(".pt.tmp")

@@ -1,0 +1,185 @@
+"""Real deployment: ``fedcrypt server`` and ``fedcrypt client`` as separate processes over gRPC.
+
+They run the same :class:`~fedcrypt.core.server.Server` and :class:`~fedcrypt.core.client.Client`
+as the simulation, on the same message bytes; only the transport differs. The server
+checkpoints after every round and can resume; rounds that fail (too few clients before the
+deadline) are retried, and a job that cannot proceed stops with a clear error.
+"""
+
+from __future__ import annotations
+
+import logging
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fedcrypt.config.job import JobConfig, parse_job
+from fedcrypt.core.client import Client
+from fedcrypt.core.messages import JobSpec, from_bytes, to_bytes
+from fedcrypt.core.params import unflatten
+from fedcrypt.core.server import SERVER_NAME, RoundRecord, Server
+from fedcrypt.core.wire import WireError
+from fedcrypt.data import load_dataset
+from fedcrypt.mechanisms import build_mechanism
+from fedcrypt.models.training import ClientData
+from fedcrypt.simulation import build_strategy, build_trainer, evaluation_data, partition_clients, train_tensors
+from fedcrypt.tracking.checkpoint import Checkpoint, job_digest, load_checkpoint, save_checkpoint
+from fedcrypt.tracking.rundir import RunDirectory
+from fedcrypt.transport.certs import TlsFiles
+from fedcrypt.transport.grpc_client import ClientLimits, ConnectionRefused, GrpcClientConnection
+from fedcrypt.transport.grpc_server import GrpcServerTransport, ServerLimits
+
+log = logging.getLogger(__name__)
+
+
+class DeploymentError(Exception):
+    """The job cannot go on (too few clients, rounds failing, refused connection)."""
+
+
+@dataclass
+class ServeResult:
+    history: list[RoundRecord]
+    resumed_from: int
+
+
+def serve(
+    job: JobConfig,
+    *,
+    address: str,
+    out_dir: Path,
+    tls: TlsFiles | None,
+    resume: bool = False,
+    revoked: tuple[str, ...] = (),
+    data_dir: Path | None = None,
+    on_round: Callable[[RoundRecord], None] | None = None,
+    on_listening: Callable[[int], None] | None = None,
+) -> ServeResult:
+    """Run the job's rounds with remote clients; writes the same run directory as a simulation."""
+    dataset = load_dataset(job.data.dataset, data_dir or job.data.data_dir)
+    trainer = build_trainer(job, dataset)
+    test = evaluation_data(dataset)
+    deploy = job.deploy
+    transport = GrpcServerTransport(
+        job=job.job.name,
+        address=address,
+        welcome=to_bytes(JobSpec(job.to_toml()), job=job.job.name, sender=SERVER_NAME),
+        tls=tls,
+        limits=ServerLimits(
+            round_timeout=deploy.round_timeout,
+            liveness_timeout=deploy.liveness_timeout,
+            max_message_bytes=deploy.max_message_mb << 20,
+            chunk_bytes=deploy.chunk_kb << 10,
+        ),
+        revoked=revoked,
+    )
+    server = Server(
+        job=job.job.name,
+        strategy=build_strategy(job),
+        mechanism=build_mechanism(job.privacy.mechanism),
+        params=trainer.initial_params(),
+        transport=transport,
+        seed=job.job.seed,
+        evaluate=lambda params: trainer.evaluate(params, test),
+    )
+    run_dir = RunDirectory(out_dir, resume=resume)
+    digest = job_digest(job.to_toml())
+    start = 1
+    if resume:
+        checkpoint = load_checkpoint(run_dir.checkpoint_path, digest)
+        server.restore(checkpoint.params, checkpoint.strategy_state, checkpoint.sampler_state)
+        run_dir.keep_rounds(checkpoint.round)
+        start = checkpoint.round + 1
+        log.info("resuming %s after round %d", job.job.name, checkpoint.round)
+    else:
+        run_dir.write_job(job.to_toml())
+    port = transport.start()
+    if on_listening:
+        on_listening(port)
+    history: list[RoundRecord] = []
+    try:
+        wanted = deploy.min_clients or job.strategy.min_fit_clients
+        connected = transport.wait_for_clients(wanted, deploy.wait_timeout)
+        log.info("%d clients connected: %s", len(connected), ", ".join(connected))
+        for server_round in range(start, job.job.rounds + 1):
+            record = _round_with_retries(server, transport, server_round, job, deploy.max_retries)
+            run_dir.append_round(record)
+            save_checkpoint(run_dir.checkpoint_path, Checkpoint(server_round, *server.snapshot(), digest))
+            history.append(record)
+            if on_round:
+                on_round(record)
+        server.shutdown()
+    finally:
+        transport.close()
+    run_dir.write_model(unflatten(server.params, trainer.spec))
+    return ServeResult(history, start - 1)
+
+
+def _round_with_retries(
+    server: Server, transport: GrpcServerTransport, server_round: int, job: JobConfig, retries: int
+) -> RoundRecord:
+    """Run a round; if it fails, wait for enough clients and try again, ``retries`` times."""
+    for attempt in range(retries + 1):
+        if attempt:
+            transport.wait_for_clients(job.strategy.min_fit_clients, job.deploy.wait_timeout)
+        record = server.run_round(server_round)
+        if record.status == "ok":
+            return record
+        log.warning("round %d attempt %d/%d failed: %s", server_round, attempt + 1, retries + 1, record.error)
+    raise DeploymentError(f"round {server_round} failed {retries + 1} times; last error: {record.error}")
+
+
+def join(
+    address: str,
+    name: str,
+    *,
+    tls: TlsFiles | None,
+    partition: int,
+    data_dir: Path | None = None,
+    limits: ClientLimits | None = None,
+) -> int:
+    """Take part in the server's job until it ends; returns the number of requests answered."""
+    connection = GrpcClientConnection(address, name, tls=tls, limits=limits)
+    try:
+        job = _job_from_welcome(connection.hello())
+        connection.job = job.job.name
+        dataset = load_dataset(job.data.dataset, data_dir or job.data.data_dir)
+        parts = partition_clients(job, dataset)
+        if not 0 <= partition < len(parts):
+            raise DeploymentError(f"--partition must be in 0..{len(parts) - 1} for this job, got {partition}")
+        x, y = train_tensors(dataset)
+        client = Client(
+            name,
+            job.job.name,
+            build_trainer(job, dataset),
+            ClientData(x, y, torch.from_numpy(parts[partition])),
+            build_mechanism(job.privacy.mechanism),
+            seed=job.job.seed,
+        )
+        log.info("joined job %s as %s with %d examples", job.job.name, name, client.data.num_examples)
+        answered = 0
+        while not client.finished:
+            request = connection.next_request()
+            if request is None:
+                continue
+            with connection.heartbeat():
+                reply = client.handle(request)
+            connection.reply(reply)
+            answered += 1
+        return answered
+    except ConnectionRefused as exc:
+        raise DeploymentError(str(exc)) from None
+    finally:
+        connection.close()
+
+
+def _job_from_welcome(data: bytes) -> JobConfig:
+    try:
+        message = from_bytes(data).message
+        if not isinstance(message, JobSpec):
+            raise WireError(f"expected a job description, got {type(message).__name__}")
+        return parse_job(tomllib.loads(message.toml), source="job from server")
+    except (WireError, tomllib.TOMLDecodeError) as exc:
+        raise DeploymentError(f"the server's job description is unusable: {exc}") from None

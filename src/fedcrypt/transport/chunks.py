@@ -1,0 +1,50 @@
+"""Splitting fedcrypt messages into gRPC chunks and reassembling them with a size limit.
+
+gRPC caps one message at about 2 GB (and servers default to 4 MB); streaming chunks removes the
+cap. The first chunk announces the total size, so the receiver allocates once, refuses an
+oversize message before reading it, and notices truncation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from fedcrypt.transport.proto import fedcrypt_pb2 as pb
+
+DEFAULT_CHUNK_BYTES = 1 << 20
+
+
+class ChunkError(ValueError):
+    """A chunk stream that is oversize, truncated or inconsistent."""
+
+
+def to_chunks(data: bytes | memoryview, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[pb.Chunk]:
+    view = memoryview(data).cast("B")
+    total = len(view)
+    if total == 0:
+        yield pb.Chunk(data=b"", total_size=0)
+        return
+    for offset in range(0, total, chunk_bytes):
+        piece = bytes(view[offset : offset + chunk_bytes])
+        yield pb.Chunk(data=piece, total_size=total if offset == 0 else 0)
+
+
+def from_chunks(chunks: Iterable[pb.Chunk], max_bytes: int) -> bytearray | None:
+    """Reassemble one message; ``None`` if the stream had no chunks at all."""
+    buffer: bytearray | None = None
+    filled = 0
+    for chunk in chunks:
+        if buffer is None:
+            if chunk.total_size > max_bytes:
+                raise ChunkError(f"message of {chunk.total_size} bytes exceeds the limit of {max_bytes}")
+            buffer = bytearray(chunk.total_size)
+        elif chunk.total_size:
+            raise ChunkError("total_size set on a chunk after the first")
+        end = filled + len(chunk.data)
+        if end > len(buffer):
+            raise ChunkError(f"chunks carry more than the announced {len(buffer)} bytes")
+        buffer[filled:end] = chunk.data
+        filled = end
+    if buffer is not None and filled != len(buffer):
+        raise ChunkError(f"stream ended after {filled} of {len(buffer)} bytes")
+    return buffer

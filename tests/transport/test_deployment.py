@@ -1,0 +1,203 @@
+"""Deployment with real processes on 127.0.0.1: a server, clients, TLS, faults and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fedcrypt
+from fedcrypt.core.params import flatten
+from fedcrypt.transport.certs import client_files, write_bundle
+
+CLIENTS = ["client-000", "client-001", "client-002"]
+JOB = """
+[job]
+name = "deploy-test"
+rounds = {rounds}
+seed = 3
+[data]
+num_clients = 3
+partition = "iid"
+[train]
+lr = 0.1
+momentum = 0.9
+local_epochs = {epochs}
+[strategy]
+min_fit_clients = 2
+[deploy]
+min_clients = {min_clients}
+wait_timeout = 60
+round_timeout = 60
+liveness_timeout = 4
+max_retries = 3
+"""
+TIMEOUT = 180
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _spawn(*args: str, log: Path) -> subprocess.Popen[bytes]:
+    handle = log.open("wb")
+    return subprocess.Popen([sys.executable, "-m", "fedcrypt.cli", *args], stdout=handle, stderr=subprocess.STDOUT)
+
+
+@pytest.fixture()
+def deployment(tmp_path: Path) -> Iterator[dict[str, object]]:
+    """Certificates, a job file and a port; kills every process the test started."""
+    write_bundle(tmp_path / "certs", [*CLIENTS, "mallory"])
+    processes: list[subprocess.Popen[bytes]] = []
+    yield {"dir": tmp_path, "port": _free_port(), "processes": processes}
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+        process.wait(10)
+
+
+def _job(tmp_path: Path, rounds: int = 3, epochs: int = 1, min_clients: int = 3) -> Path:
+    path = tmp_path / "job.toml"
+    path.write_text(JOB.format(rounds=rounds, epochs=epochs, min_clients=min_clients))
+    return path
+
+
+def _server(env: dict[str, object], job: Path, *extra: str) -> subprocess.Popen[bytes]:
+    tmp = env["dir"]
+    assert isinstance(tmp, Path)
+    args = ["server", str(job), "--address", f"127.0.0.1:{env['port']}", "--certs", str(tmp / "certs")]
+    process = _spawn(*args, "--out", str(tmp / "out"), *extra, log=tmp / "server.log")
+    env["processes"].append(process)  # type: ignore[attr-defined]
+    return process
+
+
+def _client(env: dict[str, object], name: str, partition: int, *extra: str) -> subprocess.Popen[bytes]:
+    tmp = env["dir"]
+    assert isinstance(tmp, Path)
+    args = ["client", "--server", f"localhost:{env['port']}", "--name", name, "--partition", str(partition)]
+    process = _spawn(*args, "--certs", str(tmp / "certs"), *extra, log=tmp / f"{name}.log")
+    env["processes"].append(process)  # type: ignore[attr-defined]
+    return process
+
+
+def _finish(process: subprocess.Popen[bytes], log: Path) -> str:
+    assert process.wait(TIMEOUT) == 0, log.read_text()
+    return log.read_text()
+
+
+def _rounds(out: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_three_clients_match_the_simulation(deployment: dict[str, object]) -> None:
+    tmp = deployment["dir"]
+    assert isinstance(tmp, Path)
+    job = _job(tmp)
+    server = _server(deployment, job)
+    clients = [_client(deployment, name, i) for i, name in enumerate(CLIENTS)]
+    _finish(server, tmp / "server.log")
+    for name, process in zip(CLIENTS, clients):
+        assert "done: answered 4 requests" in _finish(process, tmp / f"{name}.log")
+    rows = _rounds(tmp / "out")
+    assert [r["round"] for r in rows] == [1, 2, 3] and all(r["succeeded"] == 3 for r in rows)
+    deployed = flatten(torch.load(tmp / "out" / "model.pt"))
+    simulated = fedcrypt.simulate(job)
+    np.testing.assert_allclose(deployed, simulated.params, rtol=1e-5, atol=1e-6)
+    # Same message bytes: sizes differ only by the digits of timing metrics in the JSON headers.
+    for row, record in zip(rows, simulated.history):
+        assert abs(int(row["bytes_up"]) - record.bytes_up) < 3 * 20  # type: ignore[call-overload]
+        assert row["bytes_down"] == record.bytes_down
+
+
+def test_a_client_killed_mid_round_is_dropped_and_the_job_completes(deployment: dict[str, object]) -> None:
+    tmp = deployment["dir"]
+    assert isinstance(tmp, Path)
+    server = _server(deployment, _job(tmp, rounds=3))
+    honest = [_client(deployment, name, i) for i, name in enumerate(CLIENTS[:2])]
+    # A client that takes the first round's request and dies without answering.
+    files = client_files(tmp / "certs", CLIENTS[2])
+    script = textwrap.dedent(
+        f"""
+        import os
+        from pathlib import Path
+        from fedcrypt.transport.certs import TlsFiles
+        from fedcrypt.transport.grpc_client import GrpcClientConnection
+        tls = TlsFiles(Path({str(files.ca)!r}), Path({str(files.cert)!r}), Path({str(files.key)!r}))
+        connection = GrpcClientConnection("localhost:{deployment['port']}", {CLIENTS[2]!r}, tls=tls)
+        connection.hello()
+        connection.job = "deploy-test"
+        while connection.next_request() is None:
+            pass
+        os._exit(1)
+        """
+    )
+    victim = subprocess.Popen([sys.executable, "-c", script])
+    deployment["processes"].append(victim)  # type: ignore[attr-defined]
+    assert victim.wait(TIMEOUT) == 1
+    _finish(server, tmp / "server.log")
+    rows = _rounds(tmp / "out")
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert rows[0]["succeeded"] == 2 and "connection lost" in str(rows[0]["failures"]["client-002"])
+    for process, name in zip(honest, CLIENTS):
+        _finish(process, tmp / f"{name}.log")
+
+
+def test_server_killed_after_round_two_resumes_without_double_counting(deployment: dict[str, object]) -> None:
+    tmp = deployment["dir"]
+    assert isinstance(tmp, Path)
+    job = _job(tmp, rounds=6, epochs=15)
+    server = _server(deployment, job)
+    clients = [_client(deployment, name, i, "--reconnect-timeout", "60") for i, name in enumerate(CLIENTS)]
+    metrics = tmp / "out" / "metrics.jsonl"
+    deadline = time.monotonic() + TIMEOUT
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert time.monotonic() < deadline and server.poll() is None, (tmp / "server.log").read_text()
+        time.sleep(0.02)
+    server.send_signal(signal.SIGKILL)
+    server.wait(10)
+    completed_before = len(metrics.read_text().splitlines())
+    assert completed_before < 6, "the job finished before the server could be killed"
+    restarted = _server(deployment, job, "--resume")
+    log = _finish(restarted, tmp / "server.log")
+    assert "done: 6 rounds" in log
+    assert [r["round"] for r in _rounds(tmp / "out")] == [1, 2, 3, 4, 5, 6]
+    for process, name in zip(clients, CLIENTS):
+        _finish(process, tmp / f"{name}.log")
+
+
+@pytest.mark.parametrize("case", ["other_ca", "revoked", "no_certs"])
+def test_bad_credentials_are_refused_with_a_clear_message(deployment: dict[str, object], case: str) -> None:
+    tmp = deployment["dir"]
+    assert isinstance(tmp, Path)
+    extra = ("--revoked", "mallory") if case == "revoked" else ()
+    server = _server(deployment, _job(tmp, rounds=1, min_clients=1), *extra)
+    if case == "other_ca":
+        write_bundle(tmp / "rogue", ["mallory"])
+        args = ["--certs", str(tmp / "rogue")]
+    elif case == "revoked":
+        args = ["--certs", str(tmp / "certs")]
+    else:
+        args = []
+    base = ["client", "--server", f"localhost:{deployment['port']}", "--name", "mallory", "--reconnect-timeout", "3"]
+    if args:
+        base = [*base, *args]
+    process = subprocess.run(
+        [sys.executable, "-m", "fedcrypt.cli", *base], capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert process.returncode == 2 and "Traceback" not in process.stderr
+    expected = {"other_ca": "cannot reach the server", "revoked": "revoked", "no_certs": "TLS needs --certs"}[case]
+    assert expected in process.stderr
+    server.kill()
