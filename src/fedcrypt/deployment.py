@@ -9,6 +9,7 @@ deadline) are retried, and a job that cannot proceed stops with a clear error.
 from __future__ import annotations
 
 import logging
+import time
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -110,11 +111,25 @@ def serve(
             history.append(record)
             if on_round:
                 on_round(record)
-        server.shutdown()
+        _shut_down_clients(server, transport, job.deploy.liveness_timeout)
     finally:
         transport.close()
     run_dir.write_model(unflatten(server.params, trainer.spec))
     return ServeResult(history, start - 1)
+
+
+def _shut_down_clients(server: Server, transport: GrpcServerTransport, grace: float) -> None:
+    """Tell every client the job is over, also those reconnecting right now (up to ``grace`` s)."""
+    remaining = set(transport.known()) - set(server.shutdown())
+    deadline = time.monotonic() + grace
+    while remaining and time.monotonic() < deadline:
+        ready = [name for name in transport.available() if name in remaining]
+        if ready:
+            remaining -= set(server.shutdown(ready))
+        else:
+            time.sleep(0.2)
+    if remaining:
+        log.warning("clients not told that the job ended: %s", ", ".join(sorted(remaining)))
 
 
 def _round_with_retries(

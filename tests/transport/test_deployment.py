@@ -53,8 +53,11 @@ def _free_port() -> int:
 
 
 def _spawn(*args: str, log: Path) -> subprocess.Popen[bytes]:
+    """A fedcrypt command in its own process (one torch thread each: several share 2 cores)."""
     handle = log.open("wb")
-    return subprocess.Popen([sys.executable, "-m", "fedcrypt.cli", *args], stdout=handle, stderr=subprocess.STDOUT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "fedcrypt.cli", *args]
+    return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
 
 
 @pytest.fixture()

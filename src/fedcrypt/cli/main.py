@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
@@ -206,11 +207,16 @@ def client(
     certs_dir: Annotated[Path | None, typer.Option("--certs", help="Folder with ca.pem, NAME.pem, NAME.key.")] = None,
     insecure: Annotated[bool, typer.Option(help="Plaintext, unauthenticated gRPC (loopback only).")] = False,
     reconnect_timeout: Annotated[float, typer.Option(min=0, help="Seconds to keep retrying an unreachable server.")] = 60.0,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="CPU threads for training (use 1 when clients share a machine).")
+    ] = None,
     data_dir: DataDirOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each step.")] = False,
 ) -> None:
     """Join a server's job and train on local data until the job ends."""
     _setup_logging(verbose)
+    if threads:
+        torch.set_num_threads(threads)
     with _user_errors():
         tls = _tls(certs_dir, insecure, lambda d: client_files(d, name))
         answered = join(

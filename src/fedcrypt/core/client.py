@@ -64,7 +64,7 @@ class Client:
         self._contribution: np.ndarray | None = None
         self._participants: tuple[str, ...] = ()
 
-    def handle(self, request: bytes) -> bytes:
+    def handle(self, request: bytes | bytearray) -> bytes:
         """Answer one server message; refusals come back as ``ErrorReply``, never as exceptions."""
         try:
             received = from_bytes(request)

@@ -120,12 +120,17 @@ class Server:
         self.strategy.load_state(strategy_state)
         self._sampler.bit_generator.state = sampler
 
-    def shutdown(self) -> None:
-        """Tell every client the job is over."""
+    def shutdown(self, recipients: list[str] | None = None) -> list[str]:
+        """Tell clients (default: all available) the job is over; returns those that acknowledged."""
         message = to_bytes(Shutdown(0), job=self.job, sender=SERVER_NAME)
+        acknowledged: list[str] = []
         self.transport.exchange(
-            self.transport.available(), lambda _: message, lambda *_: None, lambda *_: None
+            self.transport.available() if recipients is None else recipients,
+            lambda _: message,
+            lambda client, _: acknowledged.append(client),
+            lambda *_: None,
         )
+        return acknowledged
 
     def _run_round(self, server_round: int, record: RoundRecord) -> None:
         participants = tuple(self.strategy.sample(self.transport.available(), self._sampler))
@@ -135,9 +140,17 @@ class Server:
         config = self.strategy.fit_config(server_round)
         losses: list[tuple[float, int]] = []
 
+        shared: list[bytes] = []  # with no per-client payload every client gets the same bytes
+
         def fit_request(client: str) -> bytes:
             payload = aggregator.request(self.mechanism.stages[0], client)
-            return self._send(FitIns(server_round, self.params, config, participants, payload), record)
+            if payload.meta or payload.arrays:
+                return self._send(FitIns(server_round, self.params, config, participants, payload), record)
+            if not shared:
+                message = FitIns(server_round, self.params, config, participants, payload)
+                shared.append(to_bytes(message, job=self.job, sender=SERVER_NAME))
+            record.bytes_down += len(shared[0])
+            return shared[0]
 
         def on_fit(client: str, payload: Message) -> None:
             assert isinstance(payload, FitRes)

@@ -21,10 +21,14 @@ class Transport(ABC):
         self,
         recipients: Sequence[str],
         make_request: Callable[[str], bytes],
-        on_reply: Callable[[str, bytes], None],
+        on_reply: Callable[[str, bytes | bytearray], None],
         on_failure: Callable[[str, str], None],
     ) -> None:
-        """Send each recipient its request and report each reply or failure (with a reason)."""
+        """Send each recipient its request and report each reply or failure (with a reason).
+
+        ``make_request`` is never called concurrently with itself, and may be called while an
+        earlier reply of the same exchange is being handled.
+        """
 
     def close(self) -> None:
         """Release connections; the default has none."""

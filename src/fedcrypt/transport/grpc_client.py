@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 
@@ -25,6 +26,7 @@ from fedcrypt.transport.proto import fedcrypt_pb2 as pb
 from fedcrypt.transport.proto import fedcrypt_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
@@ -50,7 +52,13 @@ class GrpcClientConnection:
         self.name = name
         self.job = ""
         self.limits = limits or ClientLimits()
-        options = [("grpc.enable_http_proxy", 0)]  # never route a federation through an env proxy
+        options = [
+            ("grpc.enable_http_proxy", 0),  # never route a federation through an environment proxy
+            # gRPC's own reconnect backoff grows to 2 minutes; a restarting server should be found fast.
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.min_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 2000),
+        ]
         if tls is None:
             self._channel = grpc.insecure_channel(address, options=options)
         else:
@@ -62,19 +70,18 @@ class GrpcClientConnection:
     def close(self) -> None:
         self._channel.close()
 
-    def hello(self) -> bytes:
+    def hello(self) -> bytearray:
         """Announce this client and receive the job description."""
         data = self._retrying(lambda: self._pull(pb.PullRequest(hello=True)))
         if data is None:
             raise ConnectionRefused("the server sent no job description")
-        return bytes(data)
+        return data
 
-    def next_request(self) -> bytes | None:
+    def next_request(self) -> bytearray | None:
         """Wait up to ``poll_ms`` for the next request (None: nothing yet, ask again)."""
-        data = self._retrying(lambda: self._pull(pb.PullRequest(wait_ms=self.limits.poll_ms)))
-        return None if data is None else bytes(data)
+        return self._retrying(lambda: self._pull(pb.PullRequest(wait_ms=self.limits.poll_ms)))
 
-    def reply(self, data: bytes) -> None:
+    def reply(self, data: bytes | bytearray) -> None:
         """Send the reply to the last request; a refusal is logged (the round goes on without us)."""
         chunks = lambda: to_chunks(data, self.limits.chunk_bytes)  # noqa: E731 - a fresh iterator per try
         ack = self._retrying(lambda: self._stub.Push(chunks(), metadata=self._metadata()))
@@ -111,7 +118,7 @@ class GrpcClientConnection:
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         return ((CLIENT_KEY, self.name), (JOB_KEY, self.job))
 
-    def _retrying(self, call: Callable[[], object]) -> object:
+    def _retrying(self, call: Callable[[], T]) -> T:
         """Run an RPC, retrying while the server is unreachable, up to the reconnect timeout."""
         deadline = time.monotonic() + self.limits.reconnect_timeout
         delay = 0.2

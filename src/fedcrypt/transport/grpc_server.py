@@ -88,7 +88,7 @@ class GrpcServerTransport(Transport, pb_grpc.FederationServicer):
         self._cond = threading.Condition()
         self._build_lock = threading.Lock()
         self._upload_slot = threading.Semaphore(1)
-        self._replies: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=1)
+        self._replies: queue.Queue[tuple[str, bytearray]] = queue.Queue(maxsize=1)
         self._failures: list[tuple[str, str]] = []
         self._make_request: Callable[[str], bytes] | None = None
         self._round_open = False
@@ -129,6 +129,11 @@ class GrpcServerTransport(Transport, pb_grpc.FederationServicer):
         while len(self.available()) < count and time.monotonic() < deadline:
             time.sleep(0.1)
         return self.available()
+
+    def known(self) -> list[str]:
+        """Every client that has connected since the server started, alive or not."""
+        with self._cond:
+            return sorted(self._peers)
 
     # --- Transport -----------------------------------------------------------------------
 
@@ -234,7 +239,7 @@ class GrpcServerTransport(Transport, pb_grpc.FederationServicer):
                     if not self._round_open:
                         return pb.PushAck(accepted=False, reason="the stage ended before the reply arrived")
                 try:
-                    self._replies.put((name, bytes(data)), timeout=0.2)
+                    self._replies.put((name, data), timeout=0.2)
                     return pb.PushAck(accepted=True)
                 except queue.Full:
                     continue
