@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,7 @@ def load_checkpoint(path: Path, expected_digest: str) -> Checkpoint:
             params = data["params"].astype(np.float32)
             strategy = {k.removeprefix("strategy."): data[k] for k in data.files if k.startswith("strategy.")}
         checkpoint = Checkpoint(int(meta["round"]), params, strategy, meta["sampler_state"], str(meta["job_digest"]))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
         raise CheckpointError(f"checkpoint {path} is unreadable: {exc}") from None
     if checkpoint.job_digest != expected_digest:
         raise CheckpointError(f"checkpoint {path} belongs to a different job configuration; refusing to resume")

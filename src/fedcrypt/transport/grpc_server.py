@@ -223,11 +223,13 @@ class GrpcServerTransport(Transport, pb_grpc.FederationServicer):
         name = self._identify(context, hello=False)
         with self._cond:
             if self._peers[name].state != "sent":
+                log.warning("refused an unsolicited upload from %s", name)
                 return pb.PushAck(accepted=False, reason="no request is pending for this client")
         with self._upload_slot:
             try:
                 data = from_chunks(request_iterator, self.limits.max_message_bytes)
             except ChunkError as exc:
+                log.warning("refused an upload from %s: %s", name, exc)
                 self._fail_if_sent(name, f"bad upload: {exc}")
                 return pb.PushAck(accepted=False, reason=str(exc))
             with self._cond:
