@@ -20,8 +20,13 @@ def pack(delta: np.ndarray, weight: float) -> np.ndarray:
 
 
 def unpack_average(summed: np.ndarray) -> tuple[np.ndarray, float]:
-    """Turn the summed contributions into the weighted average delta and the total weight."""
+    """Turn the summed contributions into the weighted average delta and the total weight.
+
+    Divides ``summed`` in place (it is the round's own aggregate) to avoid another update-sized copy.
+    """
     total_weight = float(summed[-1])
     if not np.isfinite(total_weight) or total_weight <= 0:
         raise RecoveryError(f"aggregate total weight is {total_weight}; nothing to average")
-    return summed[:-1] / total_weight, total_weight
+    average = summed[:-1] if summed.flags.writeable else summed[:-1].copy()
+    average /= total_weight
+    return average, total_weight

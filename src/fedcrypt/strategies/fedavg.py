@@ -19,4 +19,8 @@ class FedAvg(Strategy):
         self.server_lr = server_lr
 
     def apply(self, params: np.ndarray, average_delta: np.ndarray) -> np.ndarray:
-        return (params + self.server_lr * average_delta).astype(np.float32)
+        step = average_delta.astype(np.float32)  # float32 temporaries only: servers hold big models
+        if self.server_lr != 1.0:
+            step *= self.server_lr
+        step += params
+        return step
