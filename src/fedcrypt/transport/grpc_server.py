@@ -3,8 +3,8 @@
 The :class:`~fedcrypt.core.server.Server` drives rounds through :meth:`exchange` exactly as in
 simulation. gRPC handler threads only move bytes; every ``make_request`` call is serialized and
 every ``on_reply`` / ``on_failure`` call happens on the thread that called :meth:`exchange`, so
-the server folds one reply at a time. At most one upload is reassembled while another is being
-folded, so server memory stays at a few updates however many clients there are.
+the server folds one reply at a time. One upload at a time is reassembled and handed over, so
+server memory stays at a few updates however many clients there are.
 
 Identity: under TLS a client is the common name of its certificate (mutual TLS, issued by the
 job's CA); a revoked name, another job's name or a claimed name that differs from the
@@ -88,7 +88,7 @@ class GrpcServerTransport(Transport, pb_grpc.FederationServicer):
         self._cond = threading.Condition()
         self._build_lock = threading.Lock()
         self._upload_slot = threading.Semaphore(1)
-        self._replies: queue.Queue[tuple[str, bytearray]] = queue.Queue(maxsize=1)
+        self._replies: queue.Queue[tuple[str, bytearray, threading.Event]] = queue.Queue(maxsize=1)
         self._failures: list[tuple[str, str]] = []
         self._make_request: Callable[[str], bytes] | None = None
         self._round_open = False
@@ -166,12 +166,16 @@ class GrpcServerTransport(Transport, pb_grpc.FederationServicer):
             while outstanding and time.monotonic() < deadline:
                 self._report_failures(outstanding, on_failure)
                 try:
-                    name, data = self._replies.get(timeout=min(0.2, max(deadline - time.monotonic(), 0.01)))
+                    name, data, handled = self._replies.get(timeout=min(0.2, max(deadline - time.monotonic(), 0.01)))
                 except queue.Empty:
                     continue
-                if name in outstanding:
-                    outstanding.discard(name)
-                    on_reply(name, data)
+                try:
+                    if name in outstanding:
+                        outstanding.discard(name)
+                        on_reply(name, data)
+                finally:
+                    del data
+                    handled.set()
             self._report_failures(outstanding, on_failure)
             for name in sorted(outstanding):
                 on_failure(name, f"no reply within the round deadline of {self.limits.round_timeout:g} s")
@@ -182,7 +186,7 @@ class GrpcServerTransport(Transport, pb_grpc.FederationServicer):
                 for peer in self._peers.values():
                     peer.state = "idle"
             while not self._replies.empty():
-                self._replies.get_nowait()
+                self._replies.get_nowait()[2].set()
 
     def _report_failures(self, outstanding: set[str], on_failure: Callable[[str, str], None]) -> None:
         now = time.monotonic()
@@ -236,15 +240,24 @@ class GrpcServerTransport(Transport, pb_grpc.FederationServicer):
                 if self._peers[name].state != "sent" or data is None:
                     return pb.PushAck(accepted=False, reason="no request is pending for this client")
                 self._peers[name].state = "idle"
+            # Keep the upload slot until the server has handled this reply, so that at most one
+            # reassembled upload exists at a time.
+            handled = threading.Event()
             while True:
                 with self._cond:
                     if not self._round_open:
                         return pb.PushAck(accepted=False, reason="the stage ended before the reply arrived")
                 try:
-                    self._replies.put((name, data), timeout=0.2)
-                    return pb.PushAck(accepted=True)
+                    self._replies.put((name, data, handled), timeout=0.2)
+                    break
                 except queue.Full:
                     continue
+            del data
+            while not handled.wait(0.2):
+                with self._cond:
+                    if not self._round_open:
+                        break
+            return pb.PushAck(accepted=True)
 
     def _wait_for_request(self, name: str, wait: float, context: grpc.ServicerContext) -> bytes | None:
         deadline = time.monotonic() + wait
