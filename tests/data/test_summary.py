@@ -38,16 +38,15 @@ def test_summarize_rejects_labels_outside_classes() -> None:
 
 
 def cells(line: str) -> list[str]:
-    return [cell.strip() for cell in line.split("│")[1:-1]]
+    return line.split()
 
 
 def test_table_has_rows_per_client_and_totals() -> None:
     summaries = [ClientSummary(0, 5, (4, 1, 0)), ClientSummary(1, 7, (0, 2, 5))]
     lines = render(summary_table(summaries, ["cat", "dog", "eel"])).splitlines()
-    header = next(line for line in lines if line.startswith("┃"))
-    headers = [c.strip() for c in header.split("┃")[1:-1]]
-    assert headers == ["client", "samples", "classes", "cat", "dog", "eel"]
-    rows = [cells(line) for line in lines if line.startswith("│")]
+    header = next(line for line in lines if "client" in line)
+    assert cells(header) == ["client", "samples", "classes", "cat", "dog", "eel"]
+    rows = [cells(line) for line in lines if cells(line) and cells(line)[0] in ("0", "1", "total")]
     assert rows == [
         ["0", "5", "2", "4", "1", "0"],
         ["1", "7", "2", "0", "2", "5"],
