@@ -39,6 +39,7 @@ class ClientLimits:
     reconnect_timeout: float = 60.0
     poll_ms: int = 5_000
     heartbeat_seconds: float = 2.0
+    transfer_timeout: float = 3600.0  # one message's transfer; generous for multi-GB payloads
     max_message_bytes: int = 4 << 30
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
 
@@ -84,7 +85,8 @@ class GrpcClientConnection:
     def reply(self, data: bytes | bytearray) -> None:
         """Send the reply to the last request; a refusal is logged (the round goes on without us)."""
         chunks = lambda: to_chunks(data, self.limits.chunk_bytes)  # noqa: E731 - a fresh iterator per try
-        ack = self._retrying(lambda: self._stub.Push(chunks(), metadata=self._metadata()))
+        timeout = self.limits.transfer_timeout
+        ack = self._retrying(lambda: self._stub.Push(chunks(), metadata=self._metadata(), timeout=timeout))
         if not ack.accepted:
             log.warning("server did not accept our reply: %s", ack.reason)
 
@@ -111,7 +113,7 @@ class GrpcClientConnection:
             thread.join()
 
     def _pull(self, request: pb.PullRequest) -> bytearray | None:
-        timeout = request.wait_ms / 1000 + 30
+        timeout = request.wait_ms / 1000 + self.limits.transfer_timeout
         stream = self._stub.Pull(request, metadata=self._metadata(), timeout=timeout)
         return from_chunks(stream, self.limits.max_message_bytes)
 
