@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import RESULTS_DIR, command_line, machine_info, write_json
+from common import RESULTS_DIR, command_line, figure_table, machine_info, peak_rss_bytes, write_json
 
 from fedcrypt import simulate
 from fedcrypt.config.job import load_job
@@ -105,11 +104,6 @@ def memory_of(pid: int) -> tuple[int, int] | None:
     if len(values) < 2:  # a zombie has no memory lines
         return None
     return values["VmRSS"], values["VmHWM"]
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size (``ru_maxrss`` is KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 @dataclass
@@ -420,7 +414,7 @@ def deployment_table(params: int, deploy: dict[str, Any], sim: dict[str, Any], i
             f"{deploy['load_average_before'][0]:.2f} / {deploy['load_average_after'][0]:.2f}",
         ),
     ]
-    return _table(rows)
+    return figure_table(rows)
 
 
 def transfer_table(big: dict[str, Any]) -> str:
@@ -444,13 +438,7 @@ def transfer_table(big: dict[str, Any]) -> str:
             f"{big['load_average_before'][0]:.2f} / {big['load_average_after'][0]:.2f}",
         ),
     ]
-    return "\n".join(lines) + "\n\n" + _table(rows)
-
-
-def _table(rows: list[tuple[str, str]]) -> str:
-    lines = ["| figure | value |", "|---|---:|"]
-    lines += [f"| {name} | {value} |" for name, value in rows]
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\n" + figure_table(rows)
 
 
 def parse_args() -> argparse.Namespace:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import RESULTS_DIR, command_line, machine_info, write_json
+from common import RESULTS_DIR, command_line, figure_table, machine_info, peak_rss_bytes, write_json
 
 from fedcrypt import JobConfig, simulate
 from fedcrypt.data import load_dataset, resolve_data_dir
@@ -26,12 +25,6 @@ from fedcrypt.simulation import partition_clients
 
 GOAL_BYTES = 2 * 1024**3
 MIB = 1024**2
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def current_rss_bytes() -> int | None:
@@ -105,9 +98,7 @@ def markdown_table(figures: dict[str, Any]) -> str:
         ("bytes down per round", f"{rounds[-1]['bytes_down'] / MIB:.1f} MiB"),
         ("final accuracy", f"{figures['final_accuracy']:.4f}"),
     ]
-    lines = ["| figure | value |", "|---|---:|"]
-    lines += [f"| {name} | {value} |" for name, value in rows]
-    return "\n".join(lines)
+    return figure_table(rows)
 
 
 def parse_args() -> argparse.Namespace:

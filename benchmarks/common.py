@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import shlex
 import sys
 from importlib import metadata
@@ -53,3 +54,16 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def figure_table(rows: list[tuple[str, str]]) -> str:
+    """A two-column markdown table of named figures."""
+    lines = ["| figure | value |", "|---|---:|"]
+    lines += [f"| {name} | {value} |" for name, value in rows]
+    return "\n".join(lines)
