@@ -30,7 +30,10 @@ def test_aggregate_equals_plaintext_sum(vectors: list[np.ndarray]) -> None:
         payload = mechanism.client_round(CTX, str(i)).respond("protect", Payload(), vector)
         server.fold("protect", str(i), _round_trip(payload))
     total = mechanism.recover(server.finish(), CTX)
-    np.testing.assert_allclose(total, np.sum(np.array(vectors, dtype=np.float64), axis=0), rtol=1e-12)
+    exact = np.sum(np.array(vectors, dtype=np.float64), axis=0)
+    # Recursive float32 summation: |error| <= (n - 1) * 2**-24 * sum(|x_i|) (Higham, ch. 4).
+    bound = (len(vectors) - 1) * 2.0**-24 * np.sum(np.abs(np.array(vectors, dtype=np.float64)), axis=0)
+    assert np.all(np.abs(total - exact) <= bound * 1.000001 + 1e-30)
 
 
 @pytest.mark.parametrize(
@@ -48,7 +51,7 @@ def test_bad_payloads_are_rejected_without_touching_the_sum(payload: Payload, re
     server.fold("protect", "a", Payload(arrays={"vector": np.ones(6, dtype=np.float32)}))
     with pytest.raises(PayloadRejected, match=reason):
         server.fold("protect", "b", payload)
-    np.testing.assert_array_equal(mechanism.recover(server.finish(), CTX), np.ones(6))
+    np.testing.assert_array_equal(mechanism.recover(server.finish(), CTX), np.ones(6, dtype=np.float32))
 
 
 def test_nothing_aggregated_cannot_be_recovered() -> None:

@@ -27,6 +27,14 @@ def test_chunks_round_trip(data: bytes, chunk_bytes: int) -> None:
     assert from_chunks(to_chunks(data, chunk_bytes), max_bytes=len(data)) == data
 
 
+@given(st.lists(st.binary(max_size=700), max_size=6), st.integers(1, 300))
+@settings(max_examples=100, deadline=None)
+def test_buffers_sent_back_to_back_arrive_as_one_message(parts: list[bytes], chunk_bytes: int) -> None:
+    chunks = list(to_chunks([memoryview(p) for p in parts], chunk_bytes))
+    assert all(len(c.data) <= chunk_bytes for c in chunks)
+    assert from_chunks(chunks, max_bytes=10_000) == b"".join(parts)
+
+
 def test_chunk_streams_that_lie_are_rejected() -> None:
     with pytest.raises(ChunkError, match="exceeds the limit"):
         from_chunks(to_chunks(b"x" * 100), max_bytes=99)
@@ -117,6 +125,8 @@ def test_garbage_and_unsolicited_calls_never_crash_the_server(server: GrpcServer
     meta = ((CLIENT_KEY, "eve"), (JOB_KEY, JOB))
     ack = stub.Push(iter([pb.Chunk(data=b"\x00" * 10, total_size=10)]), metadata=meta, timeout=5)
     assert not ack.accepted and "no request is pending" in ack.reason
+    ack = stub.Reserve(pb.PullRequest(wait_ms=10), metadata=meta, timeout=5)
+    assert not ack.accepted and "no request is pending" in ack.reason
     raw = grpc.insecure_channel(f"127.0.0.1:{server.port}").unary_unary("/fedcrypt.v1.Federation/Push")
     try:  # bytes that may or may not parse as a Chunk: refused either way
         assert not pb.PushAck.FromString(raw(b"\xff\xfe not a protobuf", metadata=meta, timeout=5)).accepted
@@ -147,6 +157,7 @@ def test_a_truncated_upload_drops_only_that_client(server: GrpcServerTransport) 
     def truncated() -> None:
         while alice.next_request() is None:
             pass
+        assert stub.Reserve(pb.PullRequest(wait_ms=1000), metadata=meta, timeout=5).accepted
         ack = stub.Push(iter([pb.Chunk(data=b"x" * 10, total_size=500)]), metadata=meta, timeout=5)
         assert not ack.accepted
 
@@ -186,3 +197,31 @@ def test_tls_binds_the_name_to_the_certificate(certs: Path) -> None:
         assert transport.available() == ["alice"]
     finally:
         transport.close()
+
+
+def test_one_client_uploads_at_a_time(server: GrpcServerTransport) -> None:
+    """Clients reserve the upload slot, so waiting clients keep their data until it is their turn."""
+    stub = pb_grpc.FederationStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
+    alice, bob = _connect(server, "alice"), _connect(server, "bob")
+    meta = {name: ((CLIENT_KEY, name), (JOB_KEY, JOB)) for name in ("alice", "bob")}
+    outcome: dict[str, object] = {}
+
+    def clients() -> None:
+        for connection in (alice, bob):
+            while connection.next_request() is None:
+                pass
+        assert stub.Reserve(pb.PullRequest(wait_ms=1000), metadata=meta["alice"], timeout=5).accepted
+        busy = stub.Reserve(pb.PullRequest(wait_ms=100), metadata=meta["bob"], timeout=5)
+        unreserved = stub.Push(iter(to_chunks(b"bob")), metadata=meta["bob"], timeout=5)
+        outcome.update(busy=busy, unreserved=unreserved)
+        assert stub.Push(iter(to_chunks(b"alice")), metadata=meta["alice"], timeout=5).accepted
+        bob.reply(b"bob")  # reserves, now free, and pushes
+
+    thread = threading.Thread(target=clients, daemon=True)
+    thread.start()
+    replies, failures = _exchange(server, ["alice", "bob"], b"work")
+    thread.join(10)
+    assert replies == {"alice": b"alice", "bob": b"bob"} and not failures
+    busy, unreserved = outcome["busy"], outcome["unreserved"]
+    assert isinstance(busy, pb.PushAck) and not busy.accepted and busy.reason == "another client is uploading"
+    assert isinstance(unreserved, pb.PushAck) and unreserved.reason == "reserve the upload slot first"

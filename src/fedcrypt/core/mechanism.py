@@ -101,7 +101,8 @@ class Mechanism(ABC):
 
     @abstractmethod
     def recover(self, aggregate: Payload, ctx: RoundContext) -> np.ndarray:
-        """The float64 sum of the survivors' contributions; raises :class:`RecoveryError`."""
+        """The sum of the survivors' contributions (a float array the caller may modify in place);
+        raises :class:`RecoveryError`."""
 
 
 class OneShotMechanism(Mechanism, Generic[Accumulator]):

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Union
 
 import numpy as np
 
-from fedcrypt.core.wire import Envelope, WireError, decode, encode
+from fedcrypt.core.wire import Envelope, WireError, decode, encode_parts
 
 Scalar = Union[bool, int, float, str]
 _PAYLOAD_PREFIX = "p."
@@ -98,6 +98,11 @@ class Received:
 
 
 def to_bytes(message: Message, *, job: str, sender: str) -> bytes:
+    return b"".join(to_parts(message, job=job, sender=sender))
+
+
+def to_parts(message: Message, *, job: str, sender: str) -> list[memoryview]:
+    """The message's bytes as buffers (header, then views of the arrays): no copy of large arrays."""
     meta: dict[str, Any] = {}
     blobs: dict[str, np.ndarray] = {}
     payload = getattr(message, "payload", None)
@@ -118,7 +123,7 @@ def to_bytes(message: Message, *, job: str, sender: str) -> bytes:
         meta["reason"] = message.reason
     elif isinstance(message, JobSpec):
         meta["toml"] = message.toml
-    return encode(Envelope(message.TYPE, job, message.round, sender, meta, blobs))
+    return encode_parts(Envelope(message.TYPE, job, message.round, sender, meta, blobs))
 
 
 def from_bytes(data: bytes | bytearray | memoryview) -> Received:

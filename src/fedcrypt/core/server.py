@@ -28,6 +28,7 @@ from fedcrypt.core.messages import (
     StageRes,
     from_bytes,
     to_bytes,
+    to_parts,
 )
 from fedcrypt.core.transport import Transport
 from fedcrypt.core.wire import WireError
@@ -140,17 +141,20 @@ class Server:
         config = self.strategy.fit_config(server_round)
         losses: list[tuple[float, int]] = []
 
-        shared: list[bytes] = []  # with no per-client payload every client gets the same bytes
+        shared: list[memoryview] = []  # with no per-client payload all clients get the same buffers
 
-        def fit_request(client: str) -> bytes:
+        def fit_request(client: str) -> list[memoryview]:
             payload = aggregator.request(self.mechanism.stages[0], client)
-            if payload.meta or payload.arrays:
-                return self._send(FitIns(server_round, self.params, config, participants, payload), record)
-            if not shared:
+            personal = bool(payload.meta or payload.arrays)
+            if personal or not shared:
                 message = FitIns(server_round, self.params, config, participants, payload)
-                shared.append(to_bytes(message, job=self.job, sender=SERVER_NAME))
-            record.bytes_down += len(shared[0])
-            return shared[0]
+                parts = to_parts(message, job=self.job, sender=SERVER_NAME)
+                if not personal:
+                    shared[:] = parts
+            else:
+                parts = shared
+            record.bytes_down += sum(len(part) for part in parts)
+            return parts
 
         def on_fit(client: str, payload: Message) -> None:
             assert isinstance(payload, FitRes)

@@ -10,6 +10,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
+#: A message to send: bytes, or buffers to send back to back (large arrays without a copy).
+Outbound = bytes | Sequence[memoryview]
+
 
 class Transport(ABC):
     @abstractmethod
@@ -20,7 +23,7 @@ class Transport(ABC):
     def exchange(
         self,
         recipients: Sequence[str],
-        make_request: Callable[[str], bytes],
+        make_request: Callable[[str], Outbound],
         on_reply: Callable[[str, bytes | bytearray], None],
         on_failure: Callable[[str, str], None],
     ) -> None:

@@ -56,4 +56,5 @@ class Strategy(ABC):
 
     @abstractmethod
     def apply(self, params: np.ndarray, average_delta: np.ndarray) -> np.ndarray:
-        """The next global model, given the current one and the clients' weighted average delta."""
+        """The next global model, given the current one and the clients' weighted average delta
+        (which the strategy may overwrite)."""

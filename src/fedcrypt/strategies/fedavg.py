@@ -19,7 +19,11 @@ class FedAvg(Strategy):
         self.server_lr = server_lr
 
     def apply(self, params: np.ndarray, average_delta: np.ndarray) -> np.ndarray:
-        step = average_delta.astype(np.float32)  # float32 temporaries only: servers hold big models
+        """Reuses ``average_delta``'s memory when it is a writable float32 array (no extra copy)."""
+        if average_delta.dtype == np.float32 and average_delta.flags.writeable:
+            step = average_delta
+        else:
+            step = average_delta.astype(np.float32)
         if self.server_lr != 1.0:
             step *= self.server_lr
         step += params

@@ -7,7 +7,7 @@ oversize message before reading it, and notices truncation.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 from fedcrypt.transport.proto import fedcrypt_pb2 as pb
 
@@ -18,15 +18,29 @@ class ChunkError(ValueError):
     """A chunk stream that is oversize, truncated or inconsistent."""
 
 
-def to_chunks(data: bytes | memoryview, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[pb.Chunk]:
-    view = memoryview(data).cast("B")
-    total = len(view)
+def to_chunks(
+    data: bytes | bytearray | memoryview | Sequence[memoryview], chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> Iterator[pb.Chunk]:
+    """Chunks of ``data``, or of several buffers sent back to back (one chunk copy at a time)."""
+    parts = [memoryview(data).cast("B")] if isinstance(data, (bytes, bytearray, memoryview)) else data
+    views = [memoryview(part).cast("B") for part in parts]
+    total = sum(len(view) for view in views)
     if total == 0:
         yield pb.Chunk(data=b"", total_size=0)
         return
-    for offset in range(0, total, chunk_bytes):
-        piece = bytes(view[offset : offset + chunk_bytes])
-        yield pb.Chunk(data=piece, total_size=total if offset == 0 else 0)
+    first = True
+    pending = bytearray()
+    for view in views:
+        offset = 0
+        while offset < len(view):
+            take = min(chunk_bytes - len(pending), len(view) - offset)
+            pending += view[offset : offset + take]
+            offset += take
+            if len(pending) == chunk_bytes:
+                yield pb.Chunk(data=bytes(pending), total_size=total if first else 0)
+                first, pending = False, bytearray()
+    if pending:
+        yield pb.Chunk(data=bytes(pending), total_size=total if first else 0)
 
 
 def from_chunks(chunks: Iterable[pb.Chunk], max_bytes: int) -> bytearray | None:

@@ -21,7 +21,7 @@ import grpc
 
 from fedcrypt.transport.certs import TlsFiles
 from fedcrypt.transport.chunks import DEFAULT_CHUNK_BYTES, from_chunks, to_chunks
-from fedcrypt.transport.grpc_server import CLIENT_KEY, JOB_KEY, is_loopback
+from fedcrypt.transport.grpc_server import BUSY, CLIENT_KEY, JOB_KEY, is_loopback
 from fedcrypt.transport.proto import fedcrypt_pb2 as pb
 from fedcrypt.transport.proto import fedcrypt_pb2_grpc as pb_grpc
 
@@ -83,7 +83,18 @@ class GrpcClientConnection:
         return self._retrying(lambda: self._pull(pb.PullRequest(wait_ms=self.limits.poll_ms)))
 
     def reply(self, data: bytes | bytearray) -> None:
-        """Send the reply to the last request; a refusal is logged (the round goes on without us)."""
+        """Send the reply to the last request once the server grants the upload slot; a refusal is
+        logged (the round goes on without us)."""
+        poll = pb.PullRequest(wait_ms=self.limits.poll_ms)
+        while True:
+            ack = self._retrying(
+                lambda: self._stub.Reserve(poll, metadata=self._metadata(), timeout=poll.wait_ms / 1000 + 30)
+            )
+            if ack.accepted:
+                break
+            if ack.reason != BUSY:
+                log.warning("server did not accept our reply: %s", ack.reason)
+                return
         chunks = lambda: to_chunks(data, self.limits.chunk_bytes)  # noqa: E731 - a fresh iterator per try
         timeout = self.limits.transfer_timeout
         ack = self._retrying(lambda: self._stub.Push(chunks(), metadata=self._metadata(), timeout=timeout))

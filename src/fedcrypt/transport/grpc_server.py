@@ -3,8 +3,9 @@
 The :class:`~fedcrypt.core.server.Server` drives rounds through :meth:`exchange` exactly as in
 simulation. gRPC handler threads only move bytes; every ``make_request`` call is serialized and
 every ``on_reply`` / ``on_failure`` call happens on the thread that called :meth:`exchange`, so
-the server folds one reply at a time. One upload at a time is reassembled and handed over, so
-server memory stays at a few updates however many clients there are.
+the server folds one reply at a time. Clients reserve the single upload slot before pushing, so
+one upload at a time is in flight and reassembled (waiting clients keep their data), and server
+memory stays at a few updates however many clients there are.
 
 Identity: under TLS a client is the common name of its certificate (mutual TLS, issued by the
 job's CA); a revoked name, another job's name or a claimed name that differs from the
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from fedcrypt.core.transport import Transport
+from fedcrypt.core.transport import Outbound, Transport
 from fedcrypt.transport.certs import TlsFiles
 from fedcrypt.transport.chunks import DEFAULT_CHUNK_BYTES, ChunkError, from_chunks, to_chunks
 from fedcrypt.transport.proto import fedcrypt_pb2 as pb
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 CLIENT_KEY, JOB_KEY = "fedcrypt-client", "fedcrypt-job"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_WAIT_MS = 30_000
+NOT_PENDING = "no request is pending for this client"
+BUSY = "another client is uploading"
 
 
 def is_loopback(address: str) -> bool:
@@ -87,10 +90,12 @@ class GrpcServerTransport(Transport, pb_grpc.FederationServicer):
         self._peers: dict[str, _Peer] = {}
         self._cond = threading.Condition()
         self._build_lock = threading.Lock()
-        self._upload_slot = threading.Semaphore(1)
+        self._uploader: str | None = None  # the one client allowed to upload now (see Reserve)
+        self._uploader_since = 0.0
+        self._upload_started = False
         self._replies: queue.Queue[tuple[str, bytearray, threading.Event]] = queue.Queue(maxsize=1)
         self._failures: list[tuple[str, str]] = []
-        self._make_request: Callable[[str], bytes] | None = None
+        self._make_request: Callable[[str], Outbound] | None = None
         self._round_open = False
         self._server: grpc.Server | None = None
         self.port = 0
@@ -145,7 +150,7 @@ class GrpcServerTransport(Transport, pb_grpc.FederationServicer):
     def exchange(
         self,
         recipients: Sequence[str],
-        make_request: Callable[[str], bytes],
+        make_request: Callable[[str], Outbound],
         on_reply: Callable[[str, bytes], None],
         on_failure: Callable[[str, str], None],
     ) -> None:
@@ -183,8 +188,10 @@ class GrpcServerTransport(Transport, pb_grpc.FederationServicer):
             with self._cond:
                 self._round_open = False
                 self._make_request = None
+                self._uploader = None
                 for peer in self._peers.values():
                     peer.state = "idle"
+                self._cond.notify_all()
             while not self._replies.empty():
                 self._replies.get_nowait()[2].set()
 
@@ -197,6 +204,12 @@ class GrpcServerTransport(Transport, pb_grpc.FederationServicer):
                 if now - peer.last_seen > self.limits.liveness_timeout:
                     failures.append((name, f"connection lost (silent for {now - peer.last_seen:.0f} s)"))
                     peer.state = "idle"
+            uploader = self._uploader
+            if uploader is not None and not self._upload_started:
+                gone = self._peers[uploader].state != "sent"
+                if gone or now - self._uploader_since > self.limits.liveness_timeout:
+                    self._uploader = None  # a reservation its client never used
+                    self._cond.notify_all()
         for name, reason in failures:
             if name in outstanding or name not in self._peers:
                 outstanding.discard(name)
@@ -223,13 +236,31 @@ class GrpcServerTransport(Transport, pb_grpc.FederationServicer):
             if not sent:
                 self._fail_if_sent(name, "connection lost while sending the request")
 
+    def Reserve(self, request: pb.PullRequest, context: grpc.ServicerContext) -> pb.PushAck:
+        name = self._identify(context, hello=False)
+        deadline = time.monotonic() + min(request.wait_ms, MAX_WAIT_MS) / 1000
+        with self._cond:
+            while True:
+                if self._peers[name].state != "sent":
+                    return pb.PushAck(accepted=False, reason=NOT_PENDING)
+                if self._uploader in (None, name):
+                    self._uploader, self._uploader_since, self._upload_started = name, time.monotonic(), False
+                    return pb.PushAck(accepted=True)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not context.is_active():
+                    return pb.PushAck(accepted=False, reason=BUSY)
+                self._cond.wait(min(remaining, 1.0))
+
     def Push(self, request_iterator: Iterator[pb.Chunk], context: grpc.ServicerContext) -> pb.PushAck:
         name = self._identify(context, hello=False)
         with self._cond:
             if self._peers[name].state != "sent":
                 log.warning("refused an unsolicited upload from %s", name)
-                return pb.PushAck(accepted=False, reason="no request is pending for this client")
-        with self._upload_slot:
+                return pb.PushAck(accepted=False, reason=NOT_PENDING)
+            if self._uploader != name:
+                return pb.PushAck(accepted=False, reason="reserve the upload slot first")
+            self._upload_started = True
+        try:
             try:
                 data = from_chunks(request_iterator, self.limits.max_message_bytes)
             except ChunkError as exc:
@@ -238,7 +269,7 @@ class GrpcServerTransport(Transport, pb_grpc.FederationServicer):
                 return pb.PushAck(accepted=False, reason=str(exc))
             with self._cond:
                 if self._peers[name].state != "sent" or data is None:
-                    return pb.PushAck(accepted=False, reason="no request is pending for this client")
+                    return pb.PushAck(accepted=False, reason=NOT_PENDING)
                 self._peers[name].state = "idle"
             # Keep the upload slot until the server has handled this reply, so that at most one
             # reassembled upload exists at a time.
@@ -258,8 +289,13 @@ class GrpcServerTransport(Transport, pb_grpc.FederationServicer):
                     if not self._round_open:
                         break
             return pb.PushAck(accepted=True)
+        finally:
+            with self._cond:
+                if self._uploader == name:
+                    self._uploader = None
+                    self._cond.notify_all()
 
-    def _wait_for_request(self, name: str, wait: float, context: grpc.ServicerContext) -> bytes | None:
+    def _wait_for_request(self, name: str, wait: float, context: grpc.ServicerContext) -> Outbound | None:
         deadline = time.monotonic() + wait
         with self._cond:
             peer = self._peers[name]

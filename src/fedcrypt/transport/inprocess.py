@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 
 from fedcrypt.core.client import Client
-from fedcrypt.core.transport import Transport
+from fedcrypt.core.transport import Outbound, Transport
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ class InProcessTransport(Transport):
     def exchange(
         self,
         recipients: Sequence[str],
-        make_request: Callable[[str], bytes],
+        make_request: Callable[[str], Outbound],
         on_reply: Callable[[str, bytes], None],
         on_failure: Callable[[str, str], None],
     ) -> None:
@@ -35,6 +35,8 @@ class InProcessTransport(Transport):
                 on_failure(name, "no such client")
                 continue
             request = make_request(name)
+            if not isinstance(request, bytes):
+                request = b"".join(request)
             try:
                 reply = client.handle(request)
             except Exception as exc:  # a crashing client is a dropout, not a crashed server

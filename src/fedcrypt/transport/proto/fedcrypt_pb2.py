@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'fedcrypt/transport/proto/fedcrypt.proto\x12\x0b\x66\x65\x64\x63rypt.v1\"@\n\x0bPullRequest\x12\x0f\n\x07wait_ms\x18\x01 \x01(\r\x12\x11\n\theartbeat\x18\x02 \x01(\x08\x12\r\n\x05hello\x18\x03 \x01(\x08\")\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x12\n\ntotal_size\x18\x02 \x01(\x04\"+\n\x07PushAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t2x\n\nFederation\x12\x36\n\x04Pull\x12\x18.fedcrypt.v1.PullRequest\x1a\x12.fedcrypt.v1.Chunk0\x01\x12\x32\n\x04Push\x12\x12.fedcrypt.v1.Chunk\x1a\x14.fedcrypt.v1.PushAck(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'fedcrypt/transport/proto/fedcrypt.proto\x12\x0b\x66\x65\x64\x63rypt.v1\"@\n\x0bPullRequest\x12\x0f\n\x07wait_ms\x18\x01 \x01(\r\x12\x11\n\theartbeat\x18\x02 \x01(\x08\x12\r\n\x05hello\x18\x03 \x01(\x08\")\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x12\n\ntotal_size\x18\x02 \x01(\x04\"+\n\x07PushAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t2\xb3\x01\n\nFederation\x12\x36\n\x04Pull\x12\x18.fedcrypt.v1.PullRequest\x1a\x12.fedcrypt.v1.Chunk0\x01\x12\x39\n\x07Reserve\x12\x18.fedcrypt.v1.PullRequest\x1a\x14.fedcrypt.v1.PushAck\x12\x32\n\x04Push\x12\x12.fedcrypt.v1.Chunk\x1a\x14.fedcrypt.v1.PushAck(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,6 +37,6 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHUNK']._serialized_end=163
   _globals['_PUSHACK']._serialized_start=165
   _globals['_PUSHACK']._serialized_end=208
-  _globals['_FEDERATION']._serialized_start=210
-  _globals['_FEDERATION']._serialized_end=330
+  _globals['_FEDERATION']._serialized_start=211
+  _globals['_FEDERATION']._serialized_end=390
 # @@protoc_insertion_point(module_scope)

@@ -44,6 +44,11 @@ class FederationStub(object):
                 request_serializer=fedcrypt_dot_transport_dot_proto_dot_fedcrypt__pb2.PullRequest.SerializeToString,
                 response_deserializer=fedcrypt_dot_transport_dot_proto_dot_fedcrypt__pb2.Chunk.FromString,
                 _registered_method=True)
+        self.Reserve = channel.unary_unary(
+                '/fedcrypt.v1.Federation/Reserve',
+                request_serializer=fedcrypt_dot_transport_dot_proto_dot_fedcrypt__pb2.PullRequest.SerializeToString,
+                response_deserializer=fedcrypt_dot_transport_dot_proto_dot_fedcrypt__pb2.PushAck.FromString,
+                _registered_method=True)
         self.Push = channel.stream_unary(
                 '/fedcrypt.v1.Federation/Push',
                 request_serializer=fedcrypt_dot_transport_dot_proto_dot_fedcrypt__pb2.Chunk.SerializeToString,
@@ -66,8 +71,16 @@ class FederationServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reserve(self, request, context):
+        """Wait up to wait_ms for the upload slot; accepted: this client may Push its reply now. One
+        client uploads at a time, so clients waiting their turn hold their data, not the server.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Push(self, request_iterator, context):
-        """Stream the reply to the message this client pulled last.
+        """Stream the reply to the message this client pulled last (after a granted Reserve).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -80,6 +93,11 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.Pull,
                     request_deserializer=fedcrypt_dot_transport_dot_proto_dot_fedcrypt__pb2.PullRequest.FromString,
                     response_serializer=fedcrypt_dot_transport_dot_proto_dot_fedcrypt__pb2.Chunk.SerializeToString,
+            ),
+            'Reserve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reserve,
+                    request_deserializer=fedcrypt_dot_transport_dot_proto_dot_fedcrypt__pb2.PullRequest.FromString,
+                    response_serializer=fedcrypt_dot_transport_dot_proto_dot_fedcrypt__pb2.PushAck.SerializeToString,
             ),
             'Push': grpc.stream_unary_rpc_method_handler(
                     servicer.Push,
@@ -119,6 +137,33 @@ class Federation(object):
             '/fedcrypt.v1.Federation/Pull',
             fedcrypt_dot_transport_dot_proto_dot_fedcrypt__pb2.PullRequest.SerializeToString,
             fedcrypt_dot_transport_dot_proto_dot_fedcrypt__pb2.Chunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reserve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcrypt.v1.Federation/Reserve',
+            fedcrypt_dot_transport_dot_proto_dot_fedcrypt__pb2.PullRequest.SerializeToString,
+            fedcrypt_dot_transport_dot_proto_dot_fedcrypt__pb2.PushAck.FromString,
             options,
             channel_credentials,
             insecure,
