@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -225,3 +226,39 @@ def test_one_client_uploads_at_a_time(server: GrpcServerTransport) -> None:
     busy, unreserved = outcome["busy"], outcome["unreserved"]
     assert isinstance(busy, pb.PushAck) and not busy.accepted and busy.reason == "another client is uploading"
     assert isinstance(unreserved, pb.PushAck) and unreserved.reason == "reserve the upload slot first"
+
+
+def test_heartbeats_keep_a_slow_client_in_the_round() -> None:
+    """A client that works longer than the liveness timeout stays in while it sends heartbeats."""
+    transport = GrpcServerTransport(
+        job=JOB,
+        address="127.0.0.1:0",
+        welcome=b"welcome",
+        tls=None,
+        limits=ServerLimits(round_timeout=20, liveness_timeout=1.0),
+    )
+    transport.start()
+    try:
+        slow, silent = _connect(transport, "slow"), _connect(transport, "silent")
+        slow.limits.heartbeat_seconds = 0.2
+
+        def work(connection: GrpcClientConnection, beat: bool) -> None:
+            while connection.next_request() is None:
+                pass
+            if beat:
+                with connection.heartbeat():
+                    time.sleep(2.5)
+                connection.reply(b"done")
+            else:
+                time.sleep(2.5)
+
+        threads = [threading.Thread(target=work, args=(c, c is slow), daemon=True) for c in (slow, silent)]
+        for thread in threads:
+            thread.start()
+        replies, failures = _exchange(transport, ["slow", "silent"], b"work")
+        for thread in threads:
+            thread.join(10)
+        assert replies == {"slow": b"done"}
+        assert "connection lost" in failures["silent"]
+    finally:
+        transport.close()

@@ -108,10 +108,8 @@ class GrpcClientConnection:
 
         def beat() -> None:
             while not stop.wait(self.limits.heartbeat_seconds):
-                try:
-                    self._stub.Pull(pb.PullRequest(heartbeat=True), metadata=self._metadata(), timeout=10).next()
-                except StopIteration:
-                    pass
+                try:  # the answer to a heartbeat is an empty stream
+                    list(self._stub.Pull(pb.PullRequest(heartbeat=True), metadata=self._metadata(), timeout=10))
                 except grpc.RpcError as exc:
                     log.debug("heartbeat failed: %s", exc.code())
 
