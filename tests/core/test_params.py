@@ -7,7 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from fedcrypt.core import contribution, params, wire
+from fedcrypt.core.messages import FitIns, from_bytes, to_bytes
 from fedcrypt.core.params import ParamSpec, flatten, load_flat, unflatten
+from fedcrypt.core.wire import FileArray, SpooledMessage
 from fedcrypt.models.zoo import McMahanCNN
 
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.uint8, torch.bool]
@@ -67,6 +70,33 @@ def test_load_flat_writes_into_the_module() -> None:
     vector.flags.writeable = False  # as decoded from a message
     load_flat(model, vector, spec)
     np.testing.assert_array_equal(flatten(model.state_dict(), spec), vector)
+
+
+def test_load_flat_reads_a_spooled_vector_in_windows(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(wire, "LAZY_BLOB_BYTES", 16)
+    monkeypatch.setattr(params, "WINDOW", 7)
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4))
+    spec = ParamSpec.from_state_dict(model.state_dict())
+    vector = np.arange(spec.size, dtype=np.float32)
+    spooled = SpooledMessage()
+    spooled.write(to_bytes(FitIns(1, vector, {}, ()), job="j", sender="server"))
+    received = from_bytes(spooled).message
+    assert isinstance(received, FitIns) and isinstance(received.params, FileArray)
+    load_flat(model, received.params, spec)
+    np.testing.assert_array_equal(flatten(model.state_dict(), spec), vector)
+
+
+def test_contribution_is_packed_in_place_from_the_trained_parameters(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(contribution, "WINDOW", 3)
+    rng = np.random.default_rng(1)
+    trained, reference = rng.normal(size=10).astype(np.float32), rng.normal(size=10).astype(np.float32)
+    buffer = np.empty(11, dtype=np.float32)
+    buffer[:-1] = trained
+    packed = contribution.pack_trained(buffer, reference, 7.0)
+    assert packed is buffer
+    np.testing.assert_array_equal(packed, contribution.pack(trained - reference, 7.0))
+    with pytest.raises(ValueError, match="reference has shape"):
+        contribution.pack_trained(buffer, reference[:-1], 1.0)
 
 
 def test_inexact_values_are_refused_not_rounded() -> None:

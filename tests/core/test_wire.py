@@ -19,7 +19,8 @@ from fedcrypt.core.messages import (
     from_bytes,
     to_bytes,
 )
-from fedcrypt.core.wire import MAGIC, Envelope, WireError, decode, encode
+from fedcrypt.core import wire
+from fedcrypt.core.wire import LAZY_BLOB_BYTES, MAGIC, Envelope, FileArray, SpooledMessage, WireError, decode, encode
 
 
 def _fit_ins() -> FitIns:
@@ -126,3 +127,62 @@ def test_header_length_beyond_message_is_rejected() -> None:
 def test_encode_refuses_object_arrays() -> None:
     with pytest.raises(WireError, match="unsupported dtype"):
         encode(Envelope("x", "j", 0, "s", {}, {"a": np.array(["x"], dtype=object)}))
+
+
+def _spool(data: bytes) -> SpooledMessage:
+    spooled = SpooledMessage()
+    for start in range(0, len(data), 1000):
+        spooled.write(data[start : start + 1000])
+    return spooled
+
+
+@given(
+    st.lists(st.integers(0, 3000), min_size=1, max_size=4),
+    st.sampled_from(["float32", "int64", "uint8"]),
+    st.integers(0, 2**32 - 1),
+)
+@settings(max_examples=40, deadline=None)
+def test_a_spooled_message_decodes_to_the_same_arrays(sizes: list[int], dtype: str, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    blobs = {f"b{i}": rng.integers(0, 100, size).astype(dtype) for i, size in enumerate(sizes)}
+    data = encode(Envelope("t", "job", 1, "me", {"k": [1, 2]}, blobs))
+    spooled = _spool(data)
+    assert len(spooled) == len(data)
+    with pytest.MonkeyPatch.context() as patch:  # small threshold: both kinds of blob appear
+        patch.setattr(wire, "LAZY_BLOB_BYTES", 4000)
+        in_memory, from_file = decode(data), decode(spooled)
+    assert (from_file.type, from_file.meta) == (in_memory.type, in_memory.meta)
+    for name, array in in_memory.blobs.items():
+        got = from_file.blobs[name]
+        assert isinstance(got, FileArray) == (array.nbytes >= 4000)
+        assert (got.shape, got.dtype) == (array.shape, array.dtype)
+        np.testing.assert_array_equal(np.asarray(got), array)
+        cut = int(rng.integers(0, array.shape[0] + 1))
+        np.testing.assert_array_equal(got[cut:], array[cut:])
+        np.testing.assert_array_equal(got[:cut], array[:cut])
+    spooled.close()
+
+
+def test_large_spooled_blobs_stay_in_the_file_until_sliced() -> None:
+    vector = np.arange(LAZY_BLOB_BYTES // 4 + 10, dtype=np.float32)
+    spooled = _spool(to_bytes(FitIns(2, vector, {}, ("a",)), job="j", sender="server"))
+    params = from_bytes(spooled).message.params  # type: ignore[union-attr]
+    assert isinstance(params, FileArray) and len(params) == vector.shape[0] and params.nbytes == vector.nbytes
+    np.testing.assert_array_equal(params[5:-3], vector[5:-3])
+    with pytest.raises(TypeError, match="step 1"):
+        params[::2]
+    with pytest.raises(TypeError, match="only slices"):
+        params[3]  # type: ignore[index]
+    spooled.close()
+    with pytest.raises(ValueError):
+        params[:10]
+
+
+def test_truncated_spooled_messages_are_rejected() -> None:
+    data = encode(Envelope("t", "job", 1, "me", {}, {"x": np.ones(300_000, dtype=np.float32)}))
+    with pytest.raises(WireError, match="truncated"):
+        decode(_spool(data[:-1]))
+    with pytest.raises(WireError, match="bad magic"):
+        decode(_spool(b"FCM2" + data[4:]))
+    with pytest.raises(WireError, match="trailing"):
+        decode(_spool(data + b"\0"))

@@ -8,7 +8,9 @@ from hypothesis.extra.numpy import arrays
 
 from fedcrypt.core.mechanism import PayloadRejected, RecoveryError, RoundContext
 from fedcrypt.core.messages import Payload, from_bytes, FitRes, to_bytes
-from fedcrypt.mechanisms import build_mechanism
+from fedcrypt.core import wire
+from fedcrypt.core.wire import FileArray, SpooledMessage
+from fedcrypt.mechanisms import build_mechanism, plaintext
 from fedcrypt.mechanisms.plaintext import PlaintextMechanism
 
 CTX = RoundContext("job", 1, ("a", "b", "c"), 6)
@@ -63,3 +65,31 @@ def test_registry_names_the_choices() -> None:
     assert isinstance(build_mechanism("none"), PlaintextMechanism)
     with pytest.raises(ValueError, match="available: none"):
         build_mechanism("rot13")
+
+
+def _spooled_payload(vector: np.ndarray) -> tuple[Payload, SpooledMessage]:
+    """The payload as a server receives a large upload: spooled to a file, read window by window."""
+    spooled = SpooledMessage()
+    spooled.write(to_bytes(FitRes(1, 1, {}, Payload(arrays={"vector": vector})), job="job", sender="a"))
+    message = from_bytes(spooled).message
+    assert isinstance(message, FitRes) and isinstance(message.payload.arrays["vector"], FileArray)
+    return message.payload, spooled
+
+
+def test_spooled_uploads_fold_window_by_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(wire, "LAZY_BLOB_BYTES", 16)
+    monkeypatch.setattr(plaintext, "WINDOW", 4)
+    rng = np.random.default_rng(0)
+    vectors = [rng.normal(size=CTX.vector_size).astype(np.float32) for _ in range(3)]
+    mechanism = PlaintextMechanism()
+    server = mechanism.server_round(CTX)
+    for i, vector in enumerate(vectors):
+        payload, spooled = _spooled_payload(vector)
+        server.fold("protect", str(i), payload)
+        spooled.close()
+    bad = vectors[0].copy()
+    bad[5] = np.nan  # in the last window: the earlier windows must not have been added
+    payload, spooled = _spooled_payload(bad)
+    with pytest.raises(PayloadRejected, match="1 NaN/Inf"):
+        server.fold("protect", "bad", payload)
+    np.testing.assert_array_equal(mechanism.recover(server.finish(), CTX), vectors[0] + vectors[1] + vectors[2])

@@ -72,9 +72,9 @@ def deployment(tmp_path: Path) -> Iterator[dict[str, object]]:
         process.wait(10)
 
 
-def _job(tmp_path: Path, rounds: int = 3, epochs: int = 1, min_clients: int = 3) -> Path:
+def _job(tmp_path: Path, rounds: int = 3, epochs: int = 1, min_clients: int = 3, extra: str = "") -> Path:
     path = tmp_path / "job.toml"
-    path.write_text(JOB.format(rounds=rounds, epochs=epochs, min_clients=min_clients))
+    path.write_text(JOB.format(rounds=rounds, epochs=epochs, min_clients=min_clients) + extra)
     return path
 
 
@@ -108,7 +108,8 @@ def _rounds(out: Path) -> list[dict[str, object]]:
 def test_three_clients_match_the_simulation(deployment: dict[str, object]) -> None:
     tmp = deployment["dir"]
     assert isinstance(tmp, Path)
-    job = _job(tmp)
+    # Every message goes through a temporary file, and the 1.2 MB updates are read from it in windows.
+    job = _job(tmp, extra="spool_mb = 0\n[model]\nhidden = [4096]\n")
     server = _server(deployment, job)
     clients = [_client(deployment, name, i) for i, name in enumerate(CLIENTS)]
     _finish(server, tmp / "server.log")
@@ -118,7 +119,9 @@ def test_three_clients_match_the_simulation(deployment: dict[str, object]) -> No
     assert [r["round"] for r in rows] == [1, 2, 3] and all(r["succeeded"] == 3 for r in rows)
     deployed = flatten(torch.load(tmp / "out" / "model.pt"))
     simulated = fedcrypt.simulate(job)
-    np.testing.assert_allclose(deployed, simulated.params, rtol=1e-5, atol=1e-6)
+    # Replies are summed in arrival order, so float32 rounding differs in the last bits (then
+    # amplified by three rounds of momentum SGD); any real divergence would be orders larger.
+    np.testing.assert_allclose(deployed, simulated.params, rtol=1e-5, atol=2e-5)
     # Same message bytes: sizes differ only by the digits of timing metrics in the JSON headers.
     for row, record in zip(rows, simulated.history):
         assert abs(int(row["bytes_up"]) - record.bytes_up) < 3 * 20  # type: ignore[call-overload]

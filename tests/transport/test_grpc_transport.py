@@ -12,9 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedcrypt.core.wire import SpooledMessage
+from fedcrypt.transport import chunks, grpc_server
 from fedcrypt.transport.certs import TlsFiles, client_files, server_files, write_bundle
 from fedcrypt.transport.chunks import ChunkError, from_chunks, to_chunks
-from fedcrypt.transport.grpc_client import ConnectionRefused, GrpcClientConnection
+from fedcrypt.transport.grpc_client import ClientLimits, ConnectionRefused, GrpcClientConnection
 from fedcrypt.transport.grpc_server import CLIENT_KEY, JOB_KEY, GrpcServerTransport, ServerLimits, is_loopback
 from fedcrypt.transport.proto import fedcrypt_pb2 as pb
 from fedcrypt.transport.proto import fedcrypt_pb2_grpc as pb_grpc
@@ -260,5 +262,108 @@ def test_heartbeats_keep_a_slow_client_in_the_round() -> None:
             thread.join(10)
         assert replies == {"slow": b"done"}
         assert "connection lost" in failures["silent"]
+    finally:
+        transport.close()
+
+
+def test_large_messages_are_spooled_to_disk_on_both_sides() -> None:
+    transport = GrpcServerTransport(
+        job=JOB,
+        address="127.0.0.1:0",
+        welcome=b"welcome",
+        tls=None,
+        limits=ServerLimits(round_timeout=10, chunk_bytes=1000, spool_bytes=100),
+    )
+    transport.start()
+    try:
+        alice = GrpcClientConnection(
+            f"127.0.0.1:{transport.port}", "alice", tls=None, limits=ClientLimits(chunk_bytes=700, spool_bytes=100)
+        )
+        assert alice.hello() == b"welcome"  # small: in memory
+        alice.job = JOB
+        request, reply = bytes(range(256)) * 20, bytes(range(255, -1, -1)) * 23
+        client_saw: list[bytes] = []
+
+        def answer() -> None:
+            while (received := alice.next_request()) is None:
+                pass
+            assert isinstance(received, SpooledMessage)
+            client_saw.append(received.read_at(0, len(received)))
+            received.close()
+            alice.reply([memoryview(reply[:1000]), memoryview(reply[1000:])])
+
+        server_saw: list[SpooledMessage] = []
+
+        def on_reply(name: str, data: object) -> None:
+            assert isinstance(data, SpooledMessage)
+            server_saw.append(data)
+            assert data.read_at(0, len(data)) == reply
+
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        failures: dict[str, str] = {}
+        transport.exchange(["alice"], lambda _: request, on_reply, failures.__setitem__)
+        thread.join(10)
+        assert client_saw == [request] and len(server_saw) == 1 and not failures
+        with pytest.raises(ValueError):  # the transport deleted the temporary file after on_reply
+            server_saw[0].read_at(0, 1)
+    finally:
+        transport.close()
+
+
+def test_a_broken_stream_leaves_no_spool_behind() -> None:
+    closed: list[SpooledMessage] = []
+
+    class Watched(SpooledMessage):
+        def close(self) -> None:
+            closed.append(self)
+            super().close()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(chunks, "SpooledMessage", Watched)
+        spooled = from_chunks(to_chunks(b"y" * 50, 7), max_bytes=100, spool_bytes=10)
+        assert isinstance(spooled, Watched) and spooled.read_at(0, 50) == b"y" * 50
+        with pytest.raises(ChunkError, match="stream ended after 10 of 500"):
+            from_chunks([pb.Chunk(data=b"x" * 10, total_size=500)], max_bytes=1000, spool_bytes=10)
+    assert len(closed) == 1 and closed[0] is not spooled
+
+
+def test_downloads_share_a_few_slots_and_waiting_is_not_silence(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With one download slot, requests stream one at a time; a client waiting for the slot (or
+    receiving slowly) for longer than the liveness timeout is still in the round."""
+    active, most = [0], [0]
+    lock = threading.Lock()
+
+    def slow_chunks(data: bytes, chunk_bytes: int) -> Iterator[pb.Chunk]:
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        try:
+            for chunk in to_chunks(data, chunk_bytes):
+                time.sleep(0.3)
+                yield chunk
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(grpc_server, "to_chunks", slow_chunks)
+    transport = GrpcServerTransport(
+        job=JOB,
+        address="127.0.0.1:0",
+        welcome=b"welcome",
+        tls=None,
+        limits=ServerLimits(round_timeout=30, liveness_timeout=0.8, chunk_bytes=2, parallel_downloads=1),
+    )
+    transport.start()
+    try:
+        names = ["alice", "bob", "carol"]
+        connections = [_connect(transport, name) for name in names]
+        threads = [_answer(connection, name.encode()) for connection, name in zip(connections, names)]
+        time.sleep(0.5)  # every client is now waiting in Pull, which counts as alive
+        replies, failures = _exchange(transport, names, b"work")
+        for thread in threads:
+            thread.join(10)
+        assert replies == {name: name.encode() for name in names} and not failures, failures
+        assert most[0] == 1
     finally:
         transport.close()

@@ -111,6 +111,10 @@ class DeploySection(_Section):
     max_retries: int = Field(2, ge=0, le=100)
     max_message_mb: int = Field(4096, ge=1, le=1 << 20)
     chunk_kb: int = Field(1024, ge=1, le=3072)
+    parallel_downloads: int = Field(4, ge=1, le=1024, description="requests streamed to clients at once")
+    spool_mb: int = Field(
+        16, ge=0, le=1 << 20, description="messages above this go to a temporary file as they arrive (TMPDIR)"
+    )
 
 
 class JobConfig(_Section):

@@ -1,7 +1,7 @@
 """Client logic, independent of transport: bytes in, bytes out.
 
 On ``FitIns`` the client loads the global model, trains on its own data, packs its contribution
-``[w * delta, w]`` and answers the mechanism's first stage inside ``FitRes``; later stages arrive
+``[w * delta, w]`` (in one update-sized array; the request may stay spooled in a file) and answers the mechanism's first stage inside ``FitRes``; later stages arrive
 as ``StageIns``. The raw data and the plaintext update never leave this object except through
 the mechanism.
 """
@@ -25,8 +25,9 @@ from fedcrypt.core.messages import (
     StageIns,
     StageRes,
     from_bytes,
-    to_bytes,
+    to_parts,
 )
+from fedcrypt.core.transport import Inbound
 from fedcrypt.core.wire import WireError
 from fedcrypt.models.training import ClientData, LocalTrainer
 
@@ -64,8 +65,9 @@ class Client:
         self._contribution: np.ndarray | None = None
         self._participants: tuple[str, ...] = ()
 
-    def handle(self, request: bytes | bytearray) -> bytes:
-        """Answer one server message; refusals come back as ``ErrorReply``, never as exceptions."""
+    def handle(self, request: Inbound) -> list[memoryview]:
+        """Answer one server message with the reply's buffers (to send back to back, unjoined);
+        refusals come back as ``ErrorReply``, never as exceptions."""
         try:
             received = from_bytes(request)
         except WireError as exc:
@@ -99,11 +101,16 @@ class Client:
         mu = ins.config.get("proximal_mu", 0.0)
         if not isinstance(mu, (int, float)) or mu < 0:
             raise ValueError(f"proximal_mu must be a number >= 0, got {mu!r}")
-        result = self.trainer.fit(
-            ins.params, self.data, seed=client_seed(self.seed, ins.round, self.name), proximal_mu=float(mu)
-        )
         weight = 1.0 if ins.config.get("weighting") == "uniform" else float(self.data.num_examples)
-        self._contribution = contribution.pack(result.params - ins.params, weight)
+        packed = np.empty(self.trainer.spec.size + 1, dtype=np.float32)
+        result = self.trainer.fit(
+            ins.params,
+            self.data,
+            seed=client_seed(self.seed, ins.round, self.name),
+            proximal_mu=float(mu),
+            out=packed[:-1],
+        )
+        self._contribution = contribution.pack_trained(packed, ins.params, weight)
         ctx = RoundContext(self.job, ins.round, ins.participants, self._contribution.shape[0])
         self._round = ins.round
         self._protector = self.mechanism.client_round(ctx, self.name)
@@ -123,5 +130,5 @@ class Client:
         self._protector = None
         self._contribution = None
 
-    def _reply(self, message: Message) -> bytes:
-        return to_bytes(message, job=self.job, sender=self.name)
+    def _reply(self, message: Message) -> list[memoryview]:
+        return to_parts(message, job=self.job, sender=self.name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedcrypt.core.mechanism import RecoveryError
+from fedcrypt.core.wire import WINDOW, Blob
 
 
 def pack(delta: np.ndarray, weight: float) -> np.ndarray:
@@ -17,6 +18,24 @@ def pack(delta: np.ndarray, weight: float) -> np.ndarray:
     np.multiply(delta, weight, out=out[:-1])
     out[-1] = weight
     return out
+
+
+def pack_trained(buffer: np.ndarray, reference: Blob, weight: float) -> np.ndarray:
+    """:func:`pack` in place: ``buffer[:-1]`` holds the locally trained parameters, ``reference``
+    the global ones; returns ``buffer`` as ``[weight * (trained - reference), weight]``.
+
+    Works in windows, so a client holds its contribution and no other update-sized array (the
+    reference may still be in a spooled request).
+    """
+    size = buffer.shape[0] - 1
+    if reference.shape != (size,):
+        raise ValueError(f"reference has shape {reference.shape}, expected ({size},)")
+    for start in range(0, size, WINDOW):
+        window = buffer[start : min(start + WINDOW, size)]
+        window -= reference[start : start + window.shape[0]]
+        window *= weight
+    buffer[-1] = weight
+    return buffer
 
 
 def unpack_average(summed: np.ndarray) -> tuple[np.ndarray, float]:

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Union
 
 import numpy as np
 
-from fedcrypt.core.wire import Envelope, WireError, decode, encode_parts
+from fedcrypt.core.wire import Blob, Envelope, SpooledMessage, WireError, decode, encode_parts
 
 Scalar = Union[bool, int, float, str]
 _PAYLOAD_PREFIX = "p."
@@ -22,17 +22,21 @@ _PAYLOAD_PREFIX = "p."
 
 @dataclass
 class Payload:
-    """What a mechanism sends in one direction of one stage: small JSON metadata plus arrays."""
+    """What a mechanism sends in one direction of one stage: small JSON metadata plus arrays.
+
+    Received arrays may be :class:`~fedcrypt.core.wire.FileArray` blobs of a spooled message:
+    read large ones in windows (slices), not whole.
+    """
 
     meta: dict[str, Any] = field(default_factory=dict)
-    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    arrays: dict[str, Blob] = field(default_factory=dict)
 
 
 @dataclass
 class FitIns:
     TYPE: ClassVar[str] = "fit_ins"
     round: int
-    params: np.ndarray | None
+    params: Blob | None
     config: dict[str, Scalar]
     participants: tuple[str, ...]
     payload: Payload = field(default_factory=Payload)
@@ -104,7 +108,7 @@ def to_bytes(message: Message, *, job: str, sender: str) -> bytes:
 def to_parts(message: Message, *, job: str, sender: str) -> list[memoryview]:
     """The message's bytes as buffers (header, then views of the arrays): no copy of large arrays."""
     meta: dict[str, Any] = {}
-    blobs: dict[str, np.ndarray] = {}
+    blobs: dict[str, Blob] = {}
     payload = getattr(message, "payload", None)
     if payload is not None:
         meta["payload"] = payload.meta
@@ -126,7 +130,7 @@ def to_parts(message: Message, *, job: str, sender: str) -> list[memoryview]:
     return encode_parts(Envelope(message.TYPE, job, message.round, sender, meta, blobs))
 
 
-def from_bytes(data: bytes | bytearray | memoryview) -> Received:
+def from_bytes(data: bytes | bytearray | memoryview | SpooledMessage) -> Received:
     """Decode and type-check a message; raises :class:`WireError` with the reason."""
     env = decode(data)
     meta = env.meta

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fedcrypt.core.wire import WINDOW, Blob
+
 _FLOAT32_EXACT_INT = 2**24
 
 
@@ -67,10 +69,15 @@ class ParamSpec:
             raise ValueError(f"malformed parameter spec: {exc}") from exc
 
 
-def flatten(state: Mapping[str, torch.Tensor], spec: ParamSpec | None = None) -> np.ndarray:
-    """Concatenate a state_dict into one float32 vector (in the spec's order)."""
+def flatten(
+    state: Mapping[str, torch.Tensor], spec: ParamSpec | None = None, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Concatenate a state_dict into one float32 vector (in the spec's order), into ``out`` if given."""
     spec = spec or ParamSpec.from_state_dict(state)
-    out = np.empty(spec.size, dtype=np.float32)
+    if out is None:
+        out = np.empty(spec.size, dtype=np.float32)
+    elif out.shape != (spec.size,) or out.dtype != np.float32:
+        raise ValueError(f"output buffer has shape {out.shape} and dtype {out.dtype}, need ({spec.size},) float32")
     offset = 0
     for entry in spec.tensors:
         if entry.name not in state:
@@ -99,8 +106,12 @@ def unflatten(vector: np.ndarray, spec: ParamSpec) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_flat(module: torch.nn.Module, vector: np.ndarray, spec: ParamSpec) -> None:
-    """Copy a flat vector into a module's parameters and buffers in place (no reallocation)."""
+def load_flat(module: torch.nn.Module, vector: Blob, spec: ParamSpec) -> None:
+    """Copy a flat vector into a module's parameters and buffers in place (no reallocation).
+
+    ``vector`` may be a :class:`~fedcrypt.core.wire.FileArray`; it is read in windows, so loading
+    a large model needs no model-sized temporary.
+    """
     if vector.shape != (spec.size,):
         raise ValueError(f"parameter vector has shape {vector.shape}, spec needs ({spec.size},)")
     state = module.state_dict(keep_vars=True)
@@ -108,11 +119,14 @@ def load_flat(module: torch.nn.Module, vector: np.ndarray, spec: ParamSpec) -> N
     with torch.no_grad():
         for entry in spec.tensors:
             target = state[entry.name].detach()
-            chunk = vector[offset : offset + entry.numel].reshape(entry.shape)
-            if target.dtype == torch.float32 and target.device.type == "cpu":
-                target.numpy()[...] = chunk  # writes through the shared memory, no temporary
+            if target.dtype == torch.float32 and target.device.type == "cpu" and target.is_contiguous():
+                flat_target = target.numpy().reshape(-1)  # shares the tensor's memory
+                for start in range(0, entry.numel, WINDOW):
+                    stop = min(start + WINDOW, entry.numel)
+                    flat_target[start:stop] = vector[offset + start : offset + stop]
             else:
-                target.copy_(torch.tensor(chunk))
+                chunk = np.asarray(vector[offset : offset + entry.numel]).reshape(entry.shape)
+                target.copy_(torch.from_numpy(chunk.copy()).to(target.dtype))
             offset += entry.numel
 
 

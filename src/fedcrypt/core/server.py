@@ -30,7 +30,7 @@ from fedcrypt.core.messages import (
     to_bytes,
     to_parts,
 )
-from fedcrypt.core.transport import Transport
+from fedcrypt.core.transport import Inbound, Transport
 from fedcrypt.core.wire import WireError
 from fedcrypt.strategies.base import Strategy
 
@@ -111,8 +111,13 @@ class Server:
         return record
 
     def snapshot(self) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, Any]]:
-        """What a checkpoint must hold to continue exactly: model, strategy state, sampler state."""
-        return self.params.copy(), self.strategy.state(), self._sampler.bit_generator.state
+        """What a checkpoint must hold to continue exactly: model, strategy state, sampler state.
+
+        The model is a read-only view, not a copy (a checkpoint is written between rounds).
+        """
+        params = self.params.view()
+        params.flags.writeable = False
+        return params, self.strategy.state(), self._sampler.bit_generator.state
 
     def restore(self, params: np.ndarray, strategy_state: dict[str, np.ndarray], sampler: dict[str, Any]) -> None:
         if params.shape != self.params.shape:
@@ -217,7 +222,7 @@ class Server:
             record.failures[client] = reason
             log.warning("round %d: dropped client %s: %s", server_round, client, reason)
 
-        def on_reply(client: str, data: bytes) -> None:
+        def on_reply(client: str, data: Inbound) -> None:
             record.bytes_up += len(data)
             try:
                 received = from_bytes(data)

@@ -1,7 +1,8 @@
 """What the server needs from a transport: who is there, and a fan-out of request/reply pairs.
 
 Implementations (in-process for simulation, gRPC for deployment) carry opaque bytes; they never
-look inside messages. ``on_reply`` and ``on_failure`` are called one at a time, never
+look inside messages; a large reply may arrive spooled to a temporary file, which the transport
+closes once ``on_reply`` returns. ``on_reply`` and ``on_failure`` are called one at a time, never
 concurrently, so the server can fold replies into its aggregate as they arrive.
 """
 
@@ -10,8 +11,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
+from fedcrypt.core.wire import SpooledMessage
+
 #: A message to send: bytes, or buffers to send back to back (large arrays without a copy).
 Outbound = bytes | Sequence[memoryview]
+#: A received message: in memory, or (when large) in an unlinked temporary file.
+Inbound = bytes | bytearray | SpooledMessage
 
 
 class Transport(ABC):
@@ -24,7 +29,7 @@ class Transport(ABC):
         self,
         recipients: Sequence[str],
         make_request: Callable[[str], Outbound],
-        on_reply: Callable[[str, bytes | bytearray], None],
+        on_reply: Callable[[str, Inbound], None],
         on_failure: Callable[[str, str], None],
     ) -> None:
         """Send each recipient its request and report each reply or failure (with a reason).

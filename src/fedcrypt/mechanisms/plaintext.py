@@ -9,9 +9,7 @@ import numpy as np
 
 from fedcrypt.core.mechanism import OneShotMechanism, PayloadRejected, RecoveryError, RoundContext
 from fedcrypt.core.messages import Payload
-
-
-_WINDOW = 1 << 20
+from fedcrypt.core.wire import WINDOW
 
 
 class PlaintextMechanism(OneShotMechanism[np.ndarray]):
@@ -39,12 +37,15 @@ class PlaintextMechanism(OneShotMechanism[np.ndarray]):
                 f"update has shape {vector.shape} and dtype {vector.dtype}, "
                 f"expected ({ctx.vector_size},) float32"
             )
-        # Checked in windows so the server needs no update-sized temporary, and before any addition
-        # so that a rejected update leaves the sum untouched.
-        for start in range(0, vector.shape[0], _WINDOW):
-            if not np.isfinite(vector[start : start + _WINDOW]).all():
-                raise PayloadRejected(f"update contains {int((~np.isfinite(vector)).sum())} NaN/Inf values")
-        accumulator += vector
+        # Two passes in windows: the server needs no update-sized temporary (the vector may still be
+        # in a spooled file), and a rejected update leaves the sum untouched.
+        bad = 0
+        for start in range(0, vector.shape[0], WINDOW):
+            bad += int((~np.isfinite(vector[start : start + WINDOW])).sum())
+        if bad:
+            raise PayloadRejected(f"update contains {bad} NaN/Inf values")
+        for start in range(0, vector.shape[0], WINDOW):
+            accumulator[start : start + WINDOW] += vector[start : start + WINDOW]
         return accumulator
 
     def to_payload(self, accumulator: np.ndarray, ctx: RoundContext) -> Payload:

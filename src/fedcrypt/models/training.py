@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from fedcrypt.core.params import ParamSpec, flatten, load_flat
+from fedcrypt.core.wire import Blob
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,19 @@ class LocalTrainer:
     def initial_params(self) -> np.ndarray:
         return flatten(self.model.state_dict(), self.spec)
 
-    def fit(self, params: np.ndarray, data: ClientData, *, seed: int, proximal_mu: float = 0.0) -> FitResult:
-        """Train ``local_epochs`` epochs of shuffled mini-batches; FedProx adds (mu/2)||w - w0||^2."""
+    def fit(
+        self,
+        params: Blob,
+        data: ClientData,
+        *,
+        seed: int,
+        proximal_mu: float = 0.0,
+        out: np.ndarray | None = None,
+    ) -> FitResult:
+        """Train ``local_epochs`` epochs of shuffled mini-batches; FedProx adds (mu/2)||w - w0||^2.
+
+        The trained parameters are written to ``out`` if given (see :func:`flatten`).
+        """
         started = time.perf_counter()
         load_flat(self.model, params, self.spec)
         self.model.train()
@@ -87,7 +99,9 @@ class LocalTrainer:
                 optimizer.step()
                 total += float(loss.detach())
                 batches += 1
-        return FitResult(flatten(self.model.state_dict(), self.spec), total / max(batches, 1), time.perf_counter() - started)
+        optimizer.zero_grad(set_to_none=True)  # a model's worth of gradients, not needed any more
+        trained = flatten(self.model.state_dict(), self.spec, out=out)
+        return FitResult(trained, total / max(batches, 1), time.perf_counter() - started)
 
     @torch.no_grad()
     def evaluate(self, params: np.ndarray, data: ClientData, batch_size: int = 2048) -> tuple[float, float]:

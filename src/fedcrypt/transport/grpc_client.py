@@ -19,8 +19,9 @@ from typing import TypeVar
 
 import grpc
 
+from fedcrypt.core.transport import Inbound, Outbound
 from fedcrypt.transport.certs import TlsFiles
-from fedcrypt.transport.chunks import DEFAULT_CHUNK_BYTES, from_chunks, to_chunks
+from fedcrypt.transport.chunks import DEFAULT_CHUNK_BYTES, DEFAULT_SPOOL_BYTES, from_chunks, to_chunks
 from fedcrypt.transport.grpc_server import BUSY, CLIENT_KEY, JOB_KEY, is_loopback
 from fedcrypt.transport.proto import fedcrypt_pb2 as pb
 from fedcrypt.transport.proto import fedcrypt_pb2_grpc as pb_grpc
@@ -42,6 +43,8 @@ class ClientLimits:
     transfer_timeout: float = 3600.0  # one message's transfer; generous for multi-GB payloads
     max_message_bytes: int = 4 << 30
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    #: Requests larger than this are spooled to an unlinked temporary file as they arrive.
+    spool_bytes: int = DEFAULT_SPOOL_BYTES
 
 
 class GrpcClientConnection:
@@ -71,18 +74,19 @@ class GrpcClientConnection:
     def close(self) -> None:
         self._channel.close()
 
-    def hello(self) -> bytearray:
+    def hello(self) -> Inbound:
         """Announce this client and receive the job description."""
         data = self._retrying(lambda: self._pull(pb.PullRequest(hello=True)))
         if data is None:
             raise ConnectionRefused("the server sent no job description")
         return data
 
-    def next_request(self) -> bytearray | None:
-        """Wait up to ``poll_ms`` for the next request (None: nothing yet, ask again)."""
+    def next_request(self) -> Inbound | None:
+        """Wait up to ``poll_ms`` for the next request (None: nothing yet, ask again); a large one
+        comes spooled to a temporary file, which the caller closes when done with it."""
         return self._retrying(lambda: self._pull(pb.PullRequest(wait_ms=self.limits.poll_ms)))
 
-    def reply(self, data: bytes | bytearray) -> None:
+    def reply(self, data: Outbound) -> None:
         """Send the reply to the last request once the server grants the upload slot; a refusal is
         logged (the round goes on without us)."""
         poll = pb.PullRequest(wait_ms=self.limits.poll_ms)
@@ -121,10 +125,11 @@ class GrpcClientConnection:
             stop.set()
             thread.join()
 
-    def _pull(self, request: pb.PullRequest) -> bytearray | None:
+    def _pull(self, request: pb.PullRequest) -> Inbound | None:
         timeout = request.wait_ms / 1000 + self.limits.transfer_timeout
         stream = self._stub.Pull(request, metadata=self._metadata(), timeout=timeout)
-        return from_chunks(stream, self.limits.max_message_bytes)
+        limits = self.limits
+        return from_chunks(stream, limits.max_message_bytes, spool_bytes=limits.spool_bytes)
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         return ((CLIENT_KEY, self.name), (JOB_KEY, self.job))

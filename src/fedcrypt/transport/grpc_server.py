@@ -26,9 +26,10 @@ from dataclasses import dataclass
 
 import grpc
 
-from fedcrypt.core.transport import Outbound, Transport
+from fedcrypt.core.transport import Inbound, Outbound, Transport
+from fedcrypt.core.wire import SpooledMessage
 from fedcrypt.transport.certs import TlsFiles
-from fedcrypt.transport.chunks import DEFAULT_CHUNK_BYTES, ChunkError, from_chunks, to_chunks
+from fedcrypt.transport.chunks import DEFAULT_CHUNK_BYTES, DEFAULT_SPOOL_BYTES, ChunkError, from_chunks, to_chunks
 from fedcrypt.transport.proto import fedcrypt_pb2 as pb
 from fedcrypt.transport.proto import fedcrypt_pb2_grpc as pb_grpc
 
@@ -60,6 +61,10 @@ class ServerLimits:
     max_message_bytes: int = 4 << 30
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     max_workers: int = 64
+    #: Uploads larger than this are spooled to an unlinked temporary file as they arrive.
+    spool_bytes: int = DEFAULT_SPOOL_BYTES
+    #: Requests streamed at once; each stream buffers a few chunks, so this bounds server memory.
+    parallel_downloads: int = 4
 
 
 @dataclass
@@ -93,7 +98,8 @@ class GrpcServerTransport(Transport, pb_grpc.FederationServicer):
         self._uploader: str | None = None  # the one client allowed to upload now (see Reserve)
         self._uploader_since = 0.0
         self._upload_started = False
-        self._replies: queue.Queue[tuple[str, bytearray, threading.Event]] = queue.Queue(maxsize=1)
+        self._download_slots = threading.BoundedSemaphore(self.limits.parallel_downloads)
+        self._replies: queue.Queue[tuple[str, Inbound, threading.Event]] = queue.Queue(maxsize=1)
         self._failures: list[tuple[str, str]] = []
         self._make_request: Callable[[str], Outbound] | None = None
         self._round_open = False
@@ -151,7 +157,7 @@ class GrpcServerTransport(Transport, pb_grpc.FederationServicer):
         self,
         recipients: Sequence[str],
         make_request: Callable[[str], Outbound],
-        on_reply: Callable[[str, bytes], None],
+        on_reply: Callable[[str, Inbound], None],
         on_failure: Callable[[str, str], None],
     ) -> None:
         outstanding: set[str] = set()
@@ -179,6 +185,7 @@ class GrpcServerTransport(Transport, pb_grpc.FederationServicer):
                         outstanding.discard(name)
                         on_reply(name, data)
                 finally:
+                    _release(data)
                     del data
                     handled.set()
             self._report_failures(outstanding, on_failure)
@@ -193,7 +200,9 @@ class GrpcServerTransport(Transport, pb_grpc.FederationServicer):
                     peer.state = "idle"
                 self._cond.notify_all()
             while not self._replies.empty():
-                self._replies.get_nowait()[2].set()
+                _, data, handled = self._replies.get_nowait()
+                _release(data)
+                handled.set()
 
     def _report_failures(self, outstanding: set[str], on_failure: Callable[[str, str], None]) -> None:
         now = time.monotonic()
@@ -229,10 +238,18 @@ class GrpcServerTransport(Transport, pb_grpc.FederationServicer):
         if data is None:
             return
         sent = False
+        while not self._download_slots.acquire(timeout=0.5):
+            self._touch(name)  # waiting for a slot is not silence
+            if not context.is_active():
+                self._fail_if_sent(name, "connection lost while waiting to receive the request")
+                return
         try:
-            yield from to_chunks(data, self.limits.chunk_bytes)
+            for chunk in to_chunks(data, self.limits.chunk_bytes):
+                yield chunk
+                self._touch(name)  # a long transfer is not silence either
             sent = True
         finally:
+            self._download_slots.release()
             if not sent:
                 self._fail_if_sent(name, "connection lost while sending the request")
 
@@ -262,21 +279,32 @@ class GrpcServerTransport(Transport, pb_grpc.FederationServicer):
             self._upload_started = True
         try:
             try:
-                data = from_chunks(request_iterator, self.limits.max_message_bytes)
+                data = from_chunks(
+                    self._touching(name, request_iterator),
+                    self.limits.max_message_bytes,
+                    spool_bytes=self.limits.spool_bytes,
+                )
             except ChunkError as exc:
                 log.warning("refused an upload from %s: %s", name, exc)
                 self._fail_if_sent(name, f"bad upload: {exc}")
                 return pb.PushAck(accepted=False, reason=str(exc))
+            except OSError as exc:  # the spool's disk is full or unwritable
+                log.error("could not store an upload from %s: %s", name, exc)
+                self._fail_if_sent(name, f"server could not store the upload: {exc}")
+                return pb.PushAck(accepted=False, reason="the server could not store the upload")
             with self._cond:
                 if self._peers[name].state != "sent" or data is None:
+                    if data is not None:
+                        _release(data)
                     return pb.PushAck(accepted=False, reason=NOT_PENDING)
                 self._peers[name].state = "idle"
             # Keep the upload slot until the server has handled this reply, so that at most one
-            # reassembled upload exists at a time.
+            # received upload exists at a time.
             handled = threading.Event()
             while True:
                 with self._cond:
                     if not self._round_open:
+                        _release(data)
                         return pb.PushAck(accepted=False, reason="the stage ended before the reply arrived")
                 try:
                     self._replies.put((name, data, handled), timeout=0.2)
@@ -306,12 +334,24 @@ class GrpcServerTransport(Transport, pb_grpc.FederationServicer):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not context.is_active():
                     return None
-                self._cond.wait(min(remaining, 1.0))
+                peer.last_seen = time.monotonic()  # waiting on an open call is not silence
+                self._cond.wait(min(remaining, 0.5))
+            peer.last_seen = time.monotonic()
             peer.state = "sent"
             make_request = self._make_request
         assert make_request is not None
         with self._build_lock:
             return make_request(name)
+
+    def _touch(self, name: str) -> None:
+        with self._cond:
+            self._peers[name].last_seen = time.monotonic()
+
+    def _touching(self, name: str, chunks: Iterator[pb.Chunk]) -> Iterator[pb.Chunk]:
+        """The upload's chunks, marking the client alive as each arrives."""
+        for chunk in chunks:
+            self._touch(name)
+            yield chunk
 
     def _fail_if_sent(self, name: str, reason: str) -> None:
         with self._cond:
@@ -344,3 +384,9 @@ class GrpcServerTransport(Transport, pb_grpc.FederationServicer):
             peer = self._peers.setdefault(name, _Peer(time.monotonic()))
             peer.last_seen = time.monotonic()
         return name
+
+
+def _release(data: Inbound) -> None:
+    """Delete a spooled reply's temporary file now rather than at garbage collection."""
+    if isinstance(data, SpooledMessage):
+        data.close()

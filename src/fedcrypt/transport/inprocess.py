@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 
 from fedcrypt.core.client import Client
-from fedcrypt.core.transport import Outbound, Transport
+from fedcrypt.core.transport import Inbound, Outbound, Transport
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ class InProcessTransport(Transport):
         self,
         recipients: Sequence[str],
         make_request: Callable[[str], Outbound],
-        on_reply: Callable[[str, bytes], None],
+        on_reply: Callable[[str, Inbound], None],
         on_failure: Callable[[str, str], None],
     ) -> None:
         for name in recipients:
@@ -43,4 +43,4 @@ class InProcessTransport(Transport):
                 log.exception("client %s crashed", name)
                 on_failure(name, f"client crashed: {type(exc).__name__}: {exc}")
                 continue
-            on_reply(name, reply)
+            on_reply(name, reply if isinstance(reply, bytes) else b"".join(reply))
