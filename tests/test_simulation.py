@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from torch import nn
 
 import fedcrypt
@@ -105,3 +106,66 @@ def test_aggregation_memory_is_one_update_not_one_per_client() -> None:
     few, many = peak_bytes(3), peak_bytes(30)
     assert many < few + 2 * 4 * size  # 27 more clients cost less than two more updates
     assert many < 12 * 4 * size
+
+
+def test_ckks_simulation_matches_plaintext_fedavg() -> None:
+    job = fedcrypt.load_job(QUICKSTART).with_overrides(job={"rounds": 3})
+    plain = fedcrypt.simulate(job)
+    encrypted = fedcrypt.simulate(job.with_overrides(privacy={"mechanism": "ckks"}))
+    assert all(r.status == "ok" and r.succeeded == 10 for r in encrypted.history)
+    # CKKS adds ~1e-9 of noise per value and round; three rounds of momentum SGD keep it tiny.
+    np.testing.assert_allclose(encrypted.params, plain.params, atol=1e-4)
+    # Encrypted uploads are ~16 bytes per value against 4 in the clear.
+    assert encrypted.history[0].bytes_up > 3 * plain.history[0].bytes_up
+
+
+def test_a_client_that_cannot_decrypt_is_skipped_for_the_next_one() -> None:
+    from fedcrypt.config.job import load_job
+    from fedcrypt.core.client import Client
+    from fedcrypt.core.mechanism import RecoveryError
+    from fedcrypt.crypto.ckks import PRESETS, SecretKey
+    from fedcrypt.data import load_dataset
+    from fedcrypt.mechanisms import CkksMechanism
+    from fedcrypt.models.training import ClientData
+    from fedcrypt.simulation import build_trainer, partition_clients, train_tensors
+
+    job = load_job(QUICKSTART).with_overrides(job={"rounds": 1}, data={"num_clients": 3}, strategy={"min_fit_clients": 2})
+    dataset = load_dataset("digits")
+    trainer = build_trainer(job, dataset)
+    x, y = train_tensors(dataset)
+    secret = SecretKey(PRESETS["fast"])
+    stranger = SecretKey(PRESETS["fast"])
+    mechanisms = {
+        "a": CkksMechanism(stranger.public, stranger),  # another key: its upload is rejected, it cannot decrypt
+        "b": CkksMechanism(secret.public, secret),
+        "c": CkksMechanism(secret.public, secret),
+    }
+    parts = partition_clients(job, dataset)
+    clients = {
+        name: Client(name, job.job.name, trainer, ClientData(x, y, torch.from_numpy(part)), mechanisms[name])
+        for name, part in zip("abc", parts)
+    }
+    before = trainer.initial_params()
+    server = Server(
+        job=job.job.name,
+        strategy=FedAvg(min_fit_clients=2),
+        mechanism=CkksMechanism(secret.public),
+        params=before,
+        transport=InProcessTransport(clients),
+    )
+    record = server.run_round(1)
+    assert record.status == "ok" and record.succeeded == 2
+    assert "fingerprint" in record.failures["a"]
+    assert not np.array_equal(server.params, before)
+    # If no survivor manages to decrypt, the round fails clearly and the model is unchanged.
+
+    class Refusing(CkksMechanism):
+        def recover(self, aggregate: object, ctx: object) -> np.ndarray:
+            raise RecoveryError("key store locked")
+
+    clients["b"].mechanism = clients["c"].mechanism = Refusing(secret.public, secret)
+    after_first = server.params.copy()
+    record = server.run_round(2)
+    assert record.status == "failed" and "no surviving client could decrypt" in record.error
+    assert "key store locked" in record.failures["b"] and "key store locked" in record.failures["c"]
+    np.testing.assert_array_equal(server.params, after_first)

@@ -27,7 +27,7 @@ from fedcrypt.core.server import SERVER_NAME, RoundRecord, Server
 from fedcrypt.core.transport import Inbound
 from fedcrypt.core.wire import SpooledMessage, WireError
 from fedcrypt.data import load_dataset
-from fedcrypt.mechanisms import build_mechanism
+from fedcrypt.mechanisms import client_mechanism, server_mechanism
 from fedcrypt.models.training import ClientData
 from fedcrypt.simulation import build_strategy, build_trainer, evaluation_data, partition_clients, train_tensors
 from fedcrypt.tracking.checkpoint import Checkpoint, job_digest, load_checkpoint, save_checkpoint
@@ -57,6 +57,7 @@ def serve(
     tls: TlsFiles | None,
     resume: bool = False,
     revoked: tuple[str, ...] = (),
+    key_dir: Path | None = None,
     data_dir: Path | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
     on_listening: Callable[[int], None] | None = None,
@@ -85,7 +86,7 @@ def serve(
     server = Server(
         job=job.job.name,
         strategy=build_strategy(job),
-        mechanism=build_mechanism(job.privacy.mechanism),
+        mechanism=server_mechanism(job.privacy.mechanism, key_dir=_key_dir(key_dir, job)),
         params=trainer.initial_params(),
         transport=transport,
         seed=job.job.seed,
@@ -175,6 +176,7 @@ def join(
     *,
     tls: TlsFiles | None,
     partition: int,
+    key_dir: Path | None = None,
     data_dir: Path | None = None,
     limits: ClientLimits | None = None,
 ) -> int:
@@ -194,7 +196,7 @@ def join(
             job.job.name,
             build_trainer(job, dataset),
             ClientData(x, y, torch.from_numpy(parts[partition])),
-            build_mechanism(job.privacy.mechanism),
+            client_mechanism(job.privacy.mechanism, key_dir=_key_dir(key_dir, job)),
             seed=job.job.seed,
         )
         log.info("joined job %s as %s with %d examples", job.job.name, name, client.data.num_examples)
@@ -217,6 +219,11 @@ def join(
         raise DeploymentError(str(exc)) from None
     finally:
         connection.close()
+
+
+def _key_dir(given: Path | None, job: JobConfig) -> Path | None:
+    """``--keys``, else the job's ``[privacy] keys`` (a path on this machine)."""
+    return given if given is not None else (Path(job.privacy.keys) if job.privacy.keys else None)
 
 
 def _job_from_welcome(data: Inbound) -> JobConfig:

@@ -17,7 +17,7 @@ from fedcrypt.core.client import Client
 from fedcrypt.core.params import ParamSpec, unflatten
 from fedcrypt.core.server import RoundRecord, Server
 from fedcrypt.data import Dataset, load_dataset, partition
-from fedcrypt.mechanisms import build_mechanism
+from fedcrypt.mechanisms import simulation_mechanisms
 from fedcrypt.models.training import ClientData, LocalTrainer, TrainConfig
 from fedcrypt.models.zoo import build_model
 from fedcrypt.strategies import STRATEGIES, Strategy
@@ -133,14 +133,16 @@ def _build(config: JobConfig, dataset: Dataset, trainer: LocalTrainer) -> Server
     x_train, y_train = train_tensors(dataset)
     test = evaluation_data(dataset)
     parts = partition_clients(config, dataset)
-    mechanism = build_mechanism(config.privacy.mechanism)
+    privacy = config.privacy
+    key_dir = Path(privacy.keys) if privacy.keys else None
+    server_side, client_side = simulation_mechanisms(privacy.mechanism, preset=privacy.preset, key_dir=key_dir)
     clients = {
         name: Client(
             name,
             config.job.name,
             trainer,
             ClientData(x_train, y_train, torch.from_numpy(indices)),
-            mechanism,
+            client_side,
             seed=config.job.seed,
         )
         for name, indices in zip(client_names(config.data.num_clients), parts)
@@ -148,7 +150,7 @@ def _build(config: JobConfig, dataset: Dataset, trainer: LocalTrainer) -> Server
     return Server(
         job=config.job.name,
         strategy=build_strategy(config),
-        mechanism=mechanism,
+        mechanism=server_side,
         params=trainer.initial_params(),
         transport=InProcessTransport(clients),
         seed=config.job.seed,

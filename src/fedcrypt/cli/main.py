@@ -20,6 +20,7 @@ from fedcrypt.config.job import JobConfig, JobError, load_job
 from fedcrypt.core.server import RoundRecord
 from fedcrypt.data import DatasetError, load_dataset, summarize, summary_table
 from fedcrypt.cli.certs import certs
+from fedcrypt.cli.keys import keys_app
 from fedcrypt.deployment import DeploymentError, join, serve
 from fedcrypt.simulation import partition_clients, simulate
 from fedcrypt.tracking.checkpoint import CheckpointError
@@ -39,6 +40,10 @@ err_console = Console(stderr=True)
 JobArg = Annotated[Path, typer.Argument(help="TOML job file.", show_default=False)]
 DataDirOpt = Annotated[
     Path | None, typer.Option("--data-dir", help="Dataset folder (default: $FEDCRYPT_DATA, else a cache dir).")
+]
+KeysOpt = Annotated[
+    Path | None,
+    typer.Option("--keys", help="Key folder from `fedcrypt keys` (HE mechanisms; default: the job's [privacy] keys)."),
 ]
 
 
@@ -170,6 +175,7 @@ def server(
     certs_dir: Annotated[Path | None, typer.Option("--certs", help="Folder from `fedcrypt certs`.")] = None,
     insecure: Annotated[bool, typer.Option(help="Plaintext, unauthenticated gRPC (loopback only).")] = False,
     revoked: Annotated[str, typer.Option(help="Comma-separated client names to refuse.")] = "",
+    keys: KeysOpt = None,
     data_dir: DataDirOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each step.")] = False,
 ) -> None:
@@ -191,6 +197,7 @@ def server(
                 tls=tls,
                 resume=resume,
                 revoked=tuple(n for n in revoked.split(",") if n),
+                key_dir=keys,
                 data_dir=data_dir,
                 on_round=on_round,
                 on_listening=lambda port: console.print(f"listening on port {port}; waiting for clients"),
@@ -210,6 +217,7 @@ def client(
     threads: Annotated[
         int | None, typer.Option(min=1, help="CPU threads for training (use 1 when clients share a machine).")
     ] = None,
+    keys: KeysOpt = None,
     data_dir: DataDirOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each step.")] = False,
 ) -> None:
@@ -224,6 +232,7 @@ def client(
             name,
             tls=tls,
             partition=partition,
+            key_dir=keys,
             data_dir=data_dir,
             limits=ClientLimits(reconnect_timeout=reconnect_timeout),
         )
@@ -241,6 +250,7 @@ def _tls(certs_dir: Path | None, insecure: bool, files: Callable[[Path], TlsFile
 
 
 app.command()(certs)
+app.add_typer(keys_app)
 
 
 @app.command()

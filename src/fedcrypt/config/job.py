@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedcrypt.data import DATASETS, PARTITION_METHODS
+from fedcrypt.crypto.ckks import PRESETS
 from fedcrypt.mechanisms import MECHANISMS
 from fedcrypt.models.zoo import MODELS
 
@@ -96,9 +97,14 @@ StrategySection = Annotated[
 
 
 class PrivacySection(_Section):
+    """How updates are protected; `keys` is a directory from `fedcrypt keys` (HE mechanisms)."""
+
     mechanism: str = "none"
+    preset: str = Field("fast", description="CKKS parameter preset (see `fedcrypt keys ckks --help`)")
+    keys: str | None = Field(None, description="key directory; simulations without one use a fresh key per run")
 
     _mechanism = field_validator("mechanism")(lambda v: _check_choice("mechanism", v, tuple(MECHANISMS)))
+    _preset = field_validator("preset")(lambda v: _check_choice("CKKS preset", v, tuple(PRESETS)))
 
 
 class DeploySection(_Section):

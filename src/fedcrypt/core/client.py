@@ -15,12 +15,13 @@ import time
 import numpy as np
 
 from fedcrypt.core import contribution
-from fedcrypt.core.mechanism import ClientProtector, Mechanism, RoundContext
+from fedcrypt.core.mechanism import RECOVER_STAGE, ClientProtector, Mechanism, RecoveryError, RoundContext
 from fedcrypt.core.messages import (
     ErrorReply,
     FitIns,
     FitRes,
     Message,
+    Payload,
     Shutdown,
     StageIns,
     StageRes,
@@ -83,6 +84,8 @@ class Client:
     def _dispatch(self, message: Message) -> Message:
         if isinstance(message, FitIns):
             return self._fit(message)
+        if isinstance(message, StageIns) and message.stage == RECOVER_STAGE:
+            return self._recover(message)
         if isinstance(message, StageIns):
             if self._protector is None or message.round != self._round or self._contribution is None:
                 raise ValueError(f"stage {message.stage!r} for round {message.round} without a fit")
@@ -124,6 +127,15 @@ class Client:
             "protect_seconds": time.perf_counter() - started,
         }
         return FitRes(ins.round, self.data.num_examples, metrics, payload)
+
+    def _recover(self, ins: StageIns) -> StageRes:
+        """Decrypt the round's aggregate for a server that cannot (HE: clients hold the key)."""
+        ctx = RoundContext(self.job, ins.round, (), self.trainer.spec.size + 1)
+        try:
+            summed = self.mechanism.recover(ins.payload, ctx)
+        except RecoveryError as exc:
+            raise ValueError(f"cannot decrypt the aggregate: {exc}") from None
+        return StageRes(ins.round, RECOVER_STAGE, Payload(arrays={"sum": np.asarray(summed, dtype=np.float32)}))
 
     def _forget_round(self) -> None:
         """Drop the plaintext update once the mechanism no longer needs it (memory, and exposure)."""

@@ -27,6 +27,9 @@ from fedcrypt.core.messages import Payload
 
 Accumulator = TypeVar("Accumulator")
 
+#: The stage in which a key-holding client decrypts the aggregate for a server that cannot.
+RECOVER_STAGE = "recover"
+
 
 class PayloadRejected(Exception):
     """A client's payload failed validation; the client is dropped from the round."""

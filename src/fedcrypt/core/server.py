@@ -17,12 +17,20 @@ from typing import Any
 import numpy as np
 
 from fedcrypt.core import contribution
-from fedcrypt.core.mechanism import Mechanism, PayloadRejected, RecoveryError, RoundContext, ServerAggregator
+from fedcrypt.core.mechanism import (
+    RECOVER_STAGE,
+    Mechanism,
+    PayloadRejected,
+    RecoveryError,
+    RoundContext,
+    ServerAggregator,
+)
 from fedcrypt.core.messages import (
     ErrorReply,
     FitIns,
     FitRes,
     Message,
+    Payload,
     Shutdown,
     StageIns,
     StageRes,
@@ -85,8 +93,6 @@ class Server:
         seed: int = 0,
         evaluate: Evaluator | None = None,
     ) -> None:
-        if not mechanism.server_can_recover:
-            raise ValueError(f"mechanism {mechanism.name!r} needs client-side recovery, not supported yet")
         self.job = job
         self.strategy = strategy
         self.mechanism = mechanism
@@ -192,7 +198,11 @@ class Server:
                 f"min_fit_clients is {self.strategy.min_fit_clients}"
             )
         recover_started = time.perf_counter()
-        summed = self.mechanism.recover(aggregator.finish(), ctx)
+        aggregate = aggregator.finish()
+        if self.mechanism.server_can_recover:
+            summed = self.mechanism.recover(aggregate, ctx)
+        else:
+            summed = self._recover_by_key_holder(aggregate, ctx, survivors, record)
         average_delta, _ = contribution.unpack_average(summed)
         self.params = self.strategy.apply(self.params, average_delta)
         record.recover_seconds = time.perf_counter() - recover_started
@@ -200,6 +210,36 @@ class Server:
         weighted = [(loss, n) for loss, n in losses if np.isfinite(loss)]
         if weighted:
             record.train_loss = sum(loss * n for loss, n in weighted) / sum(n for _, n in weighted)
+
+    def _recover_by_key_holder(
+        self, aggregate: Payload, ctx: RoundContext, survivors: list[str], record: RoundRecord
+    ) -> np.ndarray:
+        """Ask survivors, one at a time, to decrypt the aggregate; the first valid sum wins.
+
+        The server learns the sum of the round's contributions, as with secure aggregation,
+        and never any single one.
+        """
+        request = StageIns(ctx.round, RECOVER_STAGE, aggregate)
+        summed: list[np.ndarray] = []
+
+        def on_sum(client: str, message: Message) -> None:
+            assert isinstance(message, StageRes)
+            total = message.payload.arrays.get("sum")
+            if message.stage != RECOVER_STAGE or total is None:
+                raise PayloadRejected("reply carries no decrypted sum")
+            if total.dtype != np.float32 or total.shape != (ctx.vector_size,):
+                raise PayloadRejected(f"decrypted sum has shape {total.shape}, expected ({ctx.vector_size},)")
+            total = np.array(total)  # writeable, in memory
+            if not np.isfinite(total).all():
+                raise PayloadRejected("decrypted sum contains NaN/Inf")
+            summed.append(total)
+
+        for client in survivors:
+            self._exchange([client], lambda _: self._send(request, record), StageRes, on_sum, ctx.round, record)
+            if summed:
+                log.info("round %d: %s decrypted the aggregate", ctx.round, client)
+                return summed[0]
+        raise RecoveryError("no surviving client could decrypt the aggregate")
 
     def _send(self, message: Message, record: RoundRecord) -> bytes:
         data = to_bytes(message, job=self.job, sender=SERVER_NAME)
