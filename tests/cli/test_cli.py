@@ -52,6 +52,8 @@ def test_quickstart_runs_end_to_end_and_writes_the_run_directory(tmp_path: Path)
         ("[job\n", "not valid TOML"),
         ('[data]\ndataset = "mnist"\n', "MNIST files missing"),
         ('[data]\ndataset = "digits"\n[model]\nname = "cnn"\n', "28x28"),
+        ('[privacy]\nmechanism = "ckks"\npreset = "huge"\n', "unknown CKKS preset 'huge'"),
+        ('[privacy]\nmechanism = "ckks"\nkeys = "/nonexistent"\n', "cannot read /nonexistent/ckks.public.json"),
     ],
 )
 def test_user_errors_print_one_line_and_exit_2(tmp_path: Path, content: str, message: str) -> None:
@@ -86,3 +88,11 @@ def test_an_existing_run_is_never_overwritten(tmp_path: Path) -> None:
     result = fedcrypt("run", str(QUICKSTART), "--out", str(tmp_path), "--rounds", "1")
     assert result.returncode == 2 and "already holds a run" in result.stderr
     assert (tmp_path / "metrics.jsonl").read_text() == '{"round": 1}\n'
+
+
+def test_he_server_without_keys_is_refused_before_listening(tmp_path: Path) -> None:
+    job = tmp_path / "job.toml"
+    job.write_text('[privacy]\nmechanism = "ckks"\n')
+    result = fedcrypt("server", str(job), "--insecure", "--address", "127.0.0.1:0", "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and "needs --keys DIR" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout

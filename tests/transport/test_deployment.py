@@ -207,3 +207,33 @@ def test_bad_credentials_are_refused_with_a_clear_message(deployment: dict[str, 
     expected = {"other_ca": "cannot reach the server", "revoked": "revoked", "no_certs": "TLS needs --certs"}[case]
     assert expected in process.stderr
     server.kill()
+
+
+def test_ckks_over_grpc_with_the_server_holding_only_public_parameters(deployment: dict[str, object]) -> None:
+    tmp = deployment["dir"]
+    assert isinstance(tmp, Path)
+    made = subprocess.run(
+        [sys.executable, "-m", "fedcrypt.cli", "keys", "ckks", "--out", str(tmp / "keys")],
+        capture_output=True, text=True, timeout=TIMEOUT,
+    )
+    assert made.returncode == 0, made.stderr
+    assert oct((tmp / "keys" / "ckks.secret").stat().st_mode & 0o777) == "0o600"
+    again = subprocess.run(
+        [sys.executable, "-m", "fedcrypt.cli", "keys", "ckks", "--out", str(tmp / "keys")],
+        capture_output=True, text=True, timeout=TIMEOUT,
+    )
+    assert again.returncode == 2 and "refusing to overwrite" in again.stderr and "Traceback" not in again.stderr
+    public_only = tmp / "server-keys"
+    public_only.mkdir()
+    (public_only / "ckks.public.json").write_text((tmp / "keys" / "ckks.public.json").read_text())
+    job = _job(tmp, rounds=2, extra='[privacy]\nmechanism = "ckks"\n')
+    server = _server(deployment, job, "--keys", str(public_only))
+    clients = [_client(deployment, name, i, "--keys", str(tmp / "keys")) for i, name in enumerate(CLIENTS)]
+    _finish(server, tmp / "server.log")
+    for name, process in zip(CLIENTS, clients):
+        _finish(process, tmp / f"{name}.log")
+    rows = _rounds(tmp / "out")
+    assert [r["round"] for r in rows] == [1, 2] and all(r["succeeded"] == 3 and r["status"] == "ok" for r in rows)
+    deployed = flatten(torch.load(tmp / "out" / "model.pt"))
+    simulated = fedcrypt.simulate(fedcrypt.load_job(job).with_overrides(privacy={"keys": str(tmp / "keys")}))
+    np.testing.assert_allclose(deployed, simulated.params, atol=1e-4)
