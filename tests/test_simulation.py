@@ -11,7 +11,15 @@ import torch
 from torch import nn
 
 import fedcrypt
+from fedcrypt.config.job import load_job
+from fedcrypt.core.client import Client
+from fedcrypt.core.mechanism import RecoveryError
 from fedcrypt.core.server import Server
+from fedcrypt.crypto.ckks import PRESETS, SecretKey
+from fedcrypt.data import load_dataset
+from fedcrypt.mechanisms import CkksMechanism
+from fedcrypt.models.training import ClientData
+from fedcrypt.simulation import build_trainer, partition_clients, train_tensors
 from fedcrypt.mechanisms.plaintext import PlaintextMechanism
 from fedcrypt.strategies import FedAvg
 from fedcrypt.transport.inprocess import InProcessTransport
@@ -120,16 +128,9 @@ def test_ckks_simulation_matches_plaintext_fedavg() -> None:
 
 
 def test_a_client_that_cannot_decrypt_is_skipped_for_the_next_one() -> None:
-    from fedcrypt.config.job import load_job
-    from fedcrypt.core.client import Client
-    from fedcrypt.core.mechanism import RecoveryError
-    from fedcrypt.crypto.ckks import PRESETS, SecretKey
-    from fedcrypt.data import load_dataset
-    from fedcrypt.mechanisms import CkksMechanism
-    from fedcrypt.models.training import ClientData
-    from fedcrypt.simulation import build_trainer, partition_clients, train_tensors
-
-    job = load_job(QUICKSTART).with_overrides(job={"rounds": 1}, data={"num_clients": 3}, strategy={"min_fit_clients": 2})
+    job = load_job(QUICKSTART).with_overrides(
+        job={"rounds": 1}, data={"num_clients": 3}, strategy={"min_fit_clients": 2}
+    )
     dataset = load_dataset("digits")
     trainer = build_trainer(job, dataset)
     x, y = train_tensors(dataset)
