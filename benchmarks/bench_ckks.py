@@ -65,14 +65,7 @@ def bench_tenseal(vectors: list[np.ndarray]) -> dict[str, float]:
     started = time.perf_counter()
     summed = np.array(total.decrypt())
     decrypt = time.perf_counter() - started
-    exact = np.sum(np.array(vectors, dtype=np.float64), axis=0)
-    return {
-        "encrypt_s": encrypt,
-        "aggregate_s": aggregate,
-        "decrypt_s": decrypt,
-        "bytes_per_value": len(blobs[0]) / vectors[0].size,
-        "max_abs_error": float(np.abs(summed - exact).max()),
-    }
+    return _figures(encrypt, aggregate, decrypt, len(blobs[0]) / vectors[0].size, summed, vectors)
 
 
 def bench_fedcrypt(vectors: list[np.ndarray], preset: str) -> dict[str, float]:
@@ -93,12 +86,19 @@ def bench_fedcrypt(vectors: list[np.ndarray], preset: str) -> dict[str, float]:
     started = time.perf_counter()
     summed = client_side.recover(received, ctx)
     decrypt = time.perf_counter() - started
+    return _figures(encrypt, aggregate, decrypt, payloads[0][1] / vectors[0].size, summed, vectors)
+
+
+def _figures(
+    encrypt: float, aggregate: float, decrypt: float, bytes_per_value: float, summed: np.ndarray,
+    vectors: list[np.ndarray],
+) -> dict[str, float]:
     exact = np.sum(np.array(vectors, dtype=np.float64), axis=0)
     return {
         "encrypt_s": encrypt,
         "aggregate_s": aggregate,
         "decrypt_s": decrypt,
-        "bytes_per_value": payloads[0][1] / vectors[0].size,
+        "bytes_per_value": bytes_per_value,
         "max_abs_error": float(np.abs(summed.astype(np.float64) - exact).max()),
     }
 

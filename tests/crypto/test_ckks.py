@@ -71,6 +71,9 @@ def test_public_parameters_round_trip_and_reject_garbage(key: SecretKey) -> None
         PublicParams.from_json('{"kind": "something else"}')
     with pytest.raises(CkksError, match="unreadable"):
         PublicParams.from_json("{not json")
+    altered = key.public.to_json().replace('"poly_modulus_degree": 4096', '"poly_modulus_degree": 1024')
+    with pytest.raises(CkksError, match="altered preset"):
+        PublicParams.from_json(altered)
 
 
 def test_wrong_shapes_are_refused(key: SecretKey) -> None:

@@ -26,14 +26,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import secrets
 import shutil
 import struct
 import tempfile
 import threading
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -137,6 +135,8 @@ class PublicParams:
             fingerprint = str(raw["fingerprint"])
         except (ValueError, KeyError, TypeError) as exc:
             raise CkksError(f"unreadable CKKS public parameters: {exc}") from None
+        if PRESETS.get(preset.name) != preset:
+            raise CkksError(f"CKKS public parameters name an unknown or altered preset {preset.name!r}")
         if len(moduli) != len(preset.prime_bits) - 1 or not all(1 < q < 2**30 for q in moduli):
             raise CkksError("CKKS public parameters: moduli do not match the preset")
         return cls(preset, moduli, fingerprint)
@@ -146,31 +146,13 @@ def expand_a(seed: bytes, block: int, moduli: np.ndarray, degree: int) -> np.nda
     """The uniformly random polynomial ``a`` of ciphertext ``block``, from the message seed.
 
     SHAKE-256(seed | block) gives 32-bit words, masked to 30 bits; words >= q are rejected, so
-    each coefficient is uniform modulo its prime. Both sides compute the same ``a``.
+    each coefficient is uniform modulo its prime. Both sides compute the same ``a`` (a longer
+    SHAKE output only extends a shorter one).
     """
-    out = np.empty((moduli.shape[0], degree), dtype=np.uint64)
-    xof = hashlib.shake_256(seed + block.to_bytes(8, "little"))
-    need = moduli.shape[0] * degree
-    words = np.frombuffer(xof.digest(4 * (need + need // 8 + 64)), dtype=np.uint32) & np.uint32((1 << 30) - 1)
-    taken = 0
-    for row, modulus in enumerate(moduli):
-        candidates = words[taken:]
-        keep = candidates < modulus
-        positions = np.flatnonzero(keep)
-        if positions.shape[0] < degree:  # vanishingly rare: draw a longer stream
-            return _expand_slow(seed, block, moduli, degree)
-        out[row] = candidates[positions[:degree]]
-        taken += int(positions[degree - 1]) + 1
-    return out
-
-
-def _expand_slow(seed: bytes, block: int, moduli: np.ndarray, degree: int) -> np.ndarray:
-    length = 8 * moduli.shape[0] * degree
+    words_needed = moduli.shape[0] * degree * 9 // 8 + 64
     while True:
-        length *= 2
-        words = np.frombuffer(
-            hashlib.shake_256(seed + block.to_bytes(8, "little")).digest(length), dtype=np.uint32
-        ) & np.uint32((1 << 30) - 1)
+        stream = hashlib.shake_256(seed + block.to_bytes(8, "little")).digest(4 * words_needed)
+        words = np.frombuffer(stream, dtype=np.uint32) & np.uint32((1 << 30) - 1)
         out = np.empty((moduli.shape[0], degree), dtype=np.uint64)
         taken = 0
         for row, modulus in enumerate(moduli):
@@ -181,6 +163,7 @@ def _expand_slow(seed: bytes, block: int, moduli: np.ndarray, degree: int) -> np
             taken += int(positions[degree - 1]) + 1
         else:
             return out
+        words_needed *= 2  # vanishingly rare: too many rejections in this stream
 
 
 class _Scratch:
