@@ -127,6 +127,19 @@ def test_ckks_simulation_matches_plaintext_fedavg() -> None:
     assert encrypted.history[0].bytes_up > 3 * plain.history[0].bytes_up
 
 
+@pytest.mark.parametrize("selection", [{"encrypt_ratio": 0.1}, {"encrypt_layers": ["1.*"]}])
+def test_selective_ckks_simulation_matches_plaintext_and_ships_less(selection: dict[str, object]) -> None:
+    job = fedcrypt.load_job(QUICKSTART).with_overrides(job={"rounds": 3})
+    plain = fedcrypt.simulate(job)
+    full = fedcrypt.simulate(job.with_overrides(job={"rounds": 1}, privacy={"mechanism": "ckks"}))
+    selective = fedcrypt.simulate(job.with_overrides(privacy={"mechanism": "ckks", **selection}))
+    assert all(r.status == "ok" and r.succeeded == 10 for r in selective.history)
+    np.testing.assert_allclose(selective.params, plain.params, atol=1e-4)
+    fraction = selective.history[-1].mechanism["encrypted_fraction"]
+    assert 0.1 <= fraction < 0.5
+    assert selective.history[-1].bytes_up < full.history[0].bytes_up
+
+
 def test_a_client_that_cannot_decrypt_is_skipped_for_the_next_one() -> None:
     job = load_job(QUICKSTART).with_overrides(
         job={"rounds": 1}, data={"num_clients": 3}, strategy={"min_fit_clients": 2}

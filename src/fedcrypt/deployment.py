@@ -86,7 +86,9 @@ def serve(
     server = Server(
         job=job.job.name,
         strategy=build_strategy(job),
-        mechanism=server_mechanism(job.privacy.mechanism, key_dir=_key_dir(key_dir, job)),
+        mechanism=server_mechanism(
+            job.privacy.mechanism, key_dir=_key_dir(key_dir, job), spec=trainer.spec, selection=job.privacy.selection
+        ),
         params=trainer.initial_params(),
         transport=transport,
         seed=job.job.seed,
@@ -191,12 +193,16 @@ def join(
         if not 0 <= partition < len(parts):
             raise DeploymentError(f"--partition must be in 0..{len(parts) - 1} for this job, got {partition}")
         x, y = train_tensors(dataset)
+        trainer = build_trainer(job, dataset)
+        mechanism = client_mechanism(
+            job.privacy.mechanism, key_dir=_key_dir(key_dir, job), spec=trainer.spec, selection=job.privacy.selection
+        )
         client = Client(
             name,
             job.job.name,
-            build_trainer(job, dataset),
+            trainer,
             ClientData(x, y, torch.from_numpy(parts[partition])),
-            client_mechanism(job.privacy.mechanism, key_dir=_key_dir(key_dir, job)),
+            mechanism,
             seed=job.job.seed,
         )
         log.info("joined job %s as %s with %d examples", job.job.name, name, client.data.num_examples)

@@ -135,7 +135,9 @@ def _build(config: JobConfig, dataset: Dataset, trainer: LocalTrainer) -> Server
     parts = partition_clients(config, dataset)
     privacy = config.privacy
     key_dir = Path(privacy.keys) if privacy.keys else None
-    server_side, client_side = simulation_mechanisms(privacy.mechanism, preset=privacy.preset, key_dir=key_dir)
+    server_side, client_side = simulation_mechanisms(
+        privacy.mechanism, preset=privacy.preset, key_dir=key_dir, spec=trainer.spec, selection=privacy.selection
+    )
     clients = {
         name: Client(
             name,

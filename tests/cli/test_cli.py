@@ -54,6 +54,7 @@ def test_quickstart_runs_end_to_end_and_writes_the_run_directory(tmp_path: Path)
         ('[data]\ndataset = "digits"\n[model]\nname = "cnn"\n', "28x28"),
         ('[privacy]\nmechanism = "ckks"\npreset = "huge"\n', "unknown CKKS preset 'huge'"),
         ('[privacy]\nmechanism = "ckks"\nkeys = "/nonexistent"\n', "cannot read /nonexistent/ckks.public.json"),
+        ('[privacy]\nmechanism = "ckks"\nencrypt_layers = ["conv9.*"]\n', "pattern 'conv9.*' matches no tensor"),
     ],
 )
 def test_user_errors_print_one_line_and_exit_2(tmp_path: Path, content: str, message: str) -> None:

@@ -45,6 +45,9 @@ def test_strategy_name_selects_its_settings() -> None:
         ({"train": {"lr": float("nan")}}, "train.lr: Input should be a finite number"),
         ({"privacy": {"mechanism": "rot13"}}, "privacy.mechanism: unknown mechanism 'rot13'; choose one of: none"),
         ({"data": {"num_clients": 1}}, "min_fit_clients (2) exceeds data.num_clients (1)"),
+        ({"privacy": {"encrypt_ratio": 0.1}}, "encrypt_ratio and encrypt_layers apply to mechanism = \"ckks\" only"),
+        ({"privacy": {"mechanism": "ckks", "encrypt_ratio": 0}}, "privacy.encrypt_ratio: Input should be greater than 0"),
+        ({"privacy": {"mechanism": "ckks", "encrypt_ratio": 0.5, "encrypt_layers": ["fc.*"]}}, "not both"),
     ],
 )
 def test_errors_are_one_line_and_name_the_key(raw: dict[str, object], message: str) -> None:

@@ -11,6 +11,7 @@ import pytest
 from fedcrypt.core import contribution
 from fedcrypt.core.mechanism import (
     ClientProtector,
+    LocalModel,
     Mechanism,
     PayloadRejected,
     RoundContext,
@@ -68,8 +69,8 @@ class ScriptedClient:
             self.contribution = self.contribution[:-2]
         ctx = RoundContext(JOB, message.round, message.participants, SIZE + 1)
         self.protector = self.mechanism.client_round(ctx, self.name)
-        payload = self.protector.respond(self.mechanism.stages[0], message.payload, self.contribution)
-        if len(self.mechanism.stages) == 1:
+        payload = self.protector.respond(message.stage, message.payload, self.contribution)
+        if self.protector.done:
             self.contribution = np.empty(0)  # like the real client: nothing kept after the last stage
         rnd = message.round - 1 if self.fault == "stale" else message.round
         examples = 0 if self.fault == "zero_examples" else self.examples
@@ -158,14 +159,10 @@ class PairwiseMaskMechanism(Mechanism):
     name: ClassVar[str] = "toy-pairwise"
     server_can_recover: ClassVar[bool] = True
 
-    @property
-    def stages(self) -> tuple[str, ...]:
-        return ("advertise", "masked")
-
     def server_round(self, ctx: RoundContext) -> ServerAggregator:
         return _ToyServer(ctx)
 
-    def client_round(self, ctx: RoundContext, client: str) -> ClientProtector:
+    def client_round(self, ctx: RoundContext, client: str, local: LocalModel | None = None) -> ClientProtector:
         return _ToyClient(client)
 
     def recover(self, aggregate: Payload, ctx: RoundContext) -> np.ndarray:
@@ -182,6 +179,10 @@ class _ToyServer(ServerAggregator):
         self.ctx, self.seeds, self.total = ctx, {}, np.zeros(ctx.vector_size)
         self.requests: list[tuple[str, str]] = []
         self.closed: list[tuple[str, tuple[str, ...]]] = []
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        return ("advertise", "masked")
 
     def request(self, stage: str, client: str) -> Payload:
         self.requests.append((stage, client))
@@ -209,8 +210,14 @@ class _ToyClient(ClientProtector):
     def __init__(self, name: str) -> None:
         self.name = name
         self.seed = sum(map(ord, name))
+        self.answered: list[str] = []
+
+    @property
+    def done(self) -> bool:
+        return "masked" in self.answered
 
     def respond(self, stage: str, request: Payload, contribution: np.ndarray) -> Payload:
+        self.answered.append(stage)
         if stage == "advertise":
             return Payload({"seed": self.seed})
         seeds = request.meta["seeds"]

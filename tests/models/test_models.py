@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from fedcrypt.models.training import ClientData, LocalTrainer, TrainConfig
 from fedcrypt.models.zoo import build_model
@@ -46,3 +47,35 @@ def test_fedprox_term_keeps_the_model_closer_to_the_global_one() -> None:
     free = trainer.fit(start, data, seed=0).params
     prox = trainer.fit(start, data, seed=0, proximal_mu=1.0).params
     assert np.linalg.norm(prox - start) < 0.5 * np.linalg.norm(free - start)
+
+
+def test_sensitivity_estimates_the_norm_of_each_gradient_entry_s_input_jacobian() -> None:
+    """Oracle: the exact Jacobian d(grad_w loss)/dx by autograd, example by example; the estimate
+    (one random +-1 probe per batch) averaged over many seeds must converge to its row norms."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2), nn.BatchNorm1d(2))
+    model.eval()
+    trainer = LocalTrainer(model, TrainConfig(batch_size=2))
+    gen = torch.Generator().manual_seed(1)
+    data = ClientData.whole(torch.randn(4, 3, generator=gen), torch.tensor([0, 1, 1, 0]))
+    params = trainer.initial_params()
+    names = [name for name, _ in model.named_parameters()]
+
+    exact = []
+    for k in range(4):
+        x, y = data.x[k : k + 1], data.y[k : k + 1]
+
+        def gradient(inputs: torch.Tensor) -> torch.Tensor:
+            loss = nn.functional.cross_entropy(model(inputs), y, reduction="sum")
+            grads = torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
+            return torch.cat([g.reshape(-1) for g in grads])
+
+        jacobian = torch.autograd.functional.jacobian(gradient, x).reshape(-1, 3)
+        exact.append((jacobian**2).sum(dim=1))
+    expected = torch.stack(exact).mean(dim=0).sqrt().numpy()
+
+    estimates = np.mean([trainer.sensitivity(params, data, seed=s) ** 2 for s in range(400)], axis=0)
+    spec_names = [t.name for t in trainer.spec.tensors]
+    trainable = np.concatenate([np.full(t.numel, t.name in names) for t in trainer.spec.tensors])
+    assert np.isinf(estimates[~trainable]).all() and "1.running_mean" not in names and len(spec_names) > len(names)
+    np.testing.assert_allclose(np.sqrt(estimates[trainable]), expected, rtol=0.15, atol=1e-4)

@@ -19,6 +19,8 @@ import torch
 
 import fedcrypt
 from fedcrypt.core.params import flatten
+from fedcrypt.crypto.ckks import PRESETS, SecretKey
+from fedcrypt.mechanisms.ckks import write_keys
 from fedcrypt.transport.certs import client_files, write_bundle
 
 CLIENTS = ["client-000", "client-001", "client-002"]
@@ -234,6 +236,26 @@ def test_ckks_over_grpc_with_the_server_holding_only_public_parameters(deploymen
         _finish(process, tmp / f"{name}.log")
     rows = _rounds(tmp / "out")
     assert [r["round"] for r in rows] == [1, 2] and all(r["succeeded"] == 3 and r["status"] == "ok" for r in rows)
+    deployed = flatten(torch.load(tmp / "out" / "model.pt"))
+    simulated = fedcrypt.simulate(fedcrypt.load_job(job).with_overrides(privacy={"keys": str(tmp / "keys")}))
+    np.testing.assert_allclose(deployed, simulated.params, atol=1e-4)
+
+
+def test_selective_ckks_agrees_its_mask_over_grpc_and_matches_the_simulation(deployment: dict[str, object]) -> None:
+    tmp = deployment["dir"]
+    assert isinstance(tmp, Path)
+    write_keys(tmp / "keys", SecretKey(PRESETS["fast"]))
+    job = _job(tmp, rounds=2, extra='[privacy]\nmechanism = "ckks"\nencrypt_ratio = 0.1\n')
+    server = _server(deployment, job, "--keys", str(tmp / "keys"))
+    clients = [_client(deployment, name, i, "--keys", str(tmp / "keys")) for i, name in enumerate(CLIENTS)]
+    _finish(server, tmp / "server.log")
+    for name, process in zip(CLIENTS, clients):
+        _finish(process, tmp / f"{name}.log")
+    rows = _rounds(tmp / "out")
+    assert [r["round"] for r in rows] == [1, 2] and all(r["succeeded"] == 3 and r["status"] == "ok" for r in rows)
+    assert all(0.1 < r["encrypted_fraction"] < 0.11 for r in rows)
+    # Round 1 also carries the encrypted sensitivity maps and the global map back.
+    assert rows[0]["bytes_up"] > rows[1]["bytes_up"] and rows[0]["bytes_down"] > rows[1]["bytes_down"]
     deployed = flatten(torch.load(tmp / "out" / "model.pt"))
     simulated = fedcrypt.simulate(fedcrypt.load_job(job).with_overrides(privacy={"keys": str(tmp / "keys")}))
     np.testing.assert_allclose(deployed, simulated.params, atol=1e-4)

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fedcrypt.data import DATASETS, PARTITION_METHODS
 from fedcrypt.crypto.ckks import PRESETS
-from fedcrypt.mechanisms import MECHANISMS
+from fedcrypt.mechanisms import MECHANISMS, Selection
 from fedcrypt.models.zoo import MODELS
 
 
@@ -102,9 +102,28 @@ class PrivacySection(_Section):
     mechanism: str = "none"
     preset: str = Field("fast", description="CKKS parameter preset (see `fedcrypt keys ckks --help`)")
     keys: str | None = Field(None, description="key directory; simulations without one use a fresh key per run")
+    encrypt_ratio: float = Field(
+        1.0, gt=0, le=1, description="ckks: encrypt the most privacy-sensitive fraction of parameters (1 = all)"
+    )
+    encrypt_layers: list[str] = Field(
+        default_factory=list, description="ckks: encrypt only tensors matching these patterns (e.g. \"0.*\")"
+    )
 
     _mechanism = field_validator("mechanism")(lambda v: _check_choice("mechanism", v, tuple(MECHANISMS)))
     _preset = field_validator("preset")(lambda v: _check_choice("CKKS preset", v, tuple(PRESETS)))
+
+    @model_validator(mode="after")
+    def _selection_needs_he(self) -> PrivacySection:
+        selective = self.encrypt_ratio != 1.0 or self.encrypt_layers
+        if selective and self.mechanism != "ckks":
+            raise ValueError("encrypt_ratio and encrypt_layers apply to mechanism = \"ckks\" only")
+        if self.encrypt_ratio != 1.0 and self.encrypt_layers:
+            raise ValueError("set either encrypt_ratio or encrypt_layers, not both")
+        return self
+
+    @property
+    def selection(self) -> Selection:
+        return Selection(self.encrypt_ratio, tuple(self.encrypt_layers))
 
 
 class DeploySection(_Section):

@@ -29,7 +29,7 @@ from fedcrypt.core.messages import (
     to_parts,
 )
 from fedcrypt.core.transport import Inbound
-from fedcrypt.core.wire import WireError
+from fedcrypt.core.wire import Blob, WireError
 from fedcrypt.models.training import ClientData, LocalTrainer
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ class Client:
             if self._protector is None or message.round != self._round or self._contribution is None:
                 raise ValueError(f"stage {message.stage!r} for round {message.round} without a fit")
             payload = self._protector.respond(message.stage, message.payload, self._contribution)
-            if message.stage == self.mechanism.stages[-1]:
+            if self._protector.done:
                 self._forget_round()
             return StageRes(message.round, message.stage, payload)
         if isinstance(message, Shutdown):
@@ -116,10 +116,10 @@ class Client:
         self._contribution = contribution.pack_trained(packed, ins.params, weight)
         ctx = RoundContext(self.job, ins.round, ins.participants, self._contribution.shape[0])
         self._round = ins.round
-        self._protector = self.mechanism.client_round(ctx, self.name)
+        self._protector = self.mechanism.client_round(ctx, self.name, _Local(self, ins.params))
         started = time.perf_counter()
-        payload = self._protector.respond(self.mechanism.stages[0], ins.payload, self._contribution)
-        if len(self.mechanism.stages) == 1:
+        payload = self._protector.respond(ins.stage, ins.payload, self._contribution)
+        if self._protector.done:
             self._forget_round()
         metrics = {
             "train_loss": result.train_loss,
@@ -144,3 +144,19 @@ class Client:
 
     def _reply(self, message: Message) -> list[memoryview]:
         return to_parts(message, job=self.job, sender=self.name)
+
+
+class _Local:
+    """The client's model and data as a mechanism may query them (during the fit stage only:
+    it refers to the round's global model, which may live in the request's spool file)."""
+
+    def __init__(self, client: Client, global_params: Blob) -> None:
+        self._client: Client | None = client
+        self._params: Blob | None = global_params
+
+    def sensitivity(self) -> np.ndarray:
+        if self._client is None or self._params is None:
+            raise ValueError("the model's sensitivity can only be computed while answering the fit request")
+        client, params = self._client, self._params
+        self._client = self._params = None
+        return client.trainer.sensitivity(params, client.data, seed=client_seed(client.seed, 0, client.name))

@@ -8,8 +8,10 @@ time as they arrive, so the server holds O(one update) however many clients ther
 The common case is one stage: the client *protects* its vector, the server *aggregates*
 protected payloads into one aggregate payload, and a key holder *recovers* the sum from it.
 :class:`OneShotMechanism` is that case; multi-stage protocols (SecAgg+'s advertise / share /
-mask / unmask, BatchCrypt's statistics exchange before protecting) implement
-:class:`Mechanism` directly. Who may call :meth:`Mechanism.recover` depends on the mechanism:
+mask / unmask, BatchCrypt's statistics exchange before protecting, selective encryption's mask
+agreement) implement :class:`Mechanism` directly. The server's aggregator names each round's
+stages, so a mechanism may run an extra stage in some rounds only; the first stage's request
+rides in ``FitIns`` and its reply in ``FitRes``. Who may call :meth:`Mechanism.recover` depends on the mechanism:
 for ``none`` and secret sharing the server learns the sum; for homomorphic encryption only the
 holders of the secret key do.
 """
@@ -19,7 +21,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import numpy as np
 
@@ -49,8 +51,21 @@ class RoundContext:
     vector_size: int
 
 
+class LocalModel(Protocol):
+    """What a mechanism may ask of the client's model and data besides the contribution."""
+
+    def sensitivity(self) -> np.ndarray:
+        """Per-entry privacy sensitivity of the contribution's parameters (>= 0, float32)."""
+        ...
+
+
 class ServerAggregator(ABC):
     """Server half of one round: builds requests, folds replies, yields the aggregate payload."""
+
+    @property
+    @abstractmethod
+    def stages(self) -> tuple[str, ...]:
+        """This round's stages in order; the first one's reply travels inside ``FitRes``."""
 
     @abstractmethod
     def request(self, stage: str, client: str) -> Payload:
@@ -83,6 +98,11 @@ class ClientProtector(ABC):
     def respond(self, stage: str, request: Payload, contribution: np.ndarray) -> Payload:
         """The reply to ``request``; ``contribution`` is the vector this client adds to the sum."""
 
+    @property
+    @abstractmethod
+    def done(self) -> bool:
+        """Whether the round needs the contribution no more (the client then forgets it)."""
+
 
 class Mechanism(ABC):
     """A way to sum client vectors so the server cannot read any single one."""
@@ -91,16 +111,12 @@ class Mechanism(ABC):
     #: Whether the server process can recover the sum (True for ``none`` and secret sharing).
     server_can_recover: ClassVar[bool]
 
-    @property
-    @abstractmethod
-    def stages(self) -> tuple[str, ...]:
-        """The round's stages in order; the first one's reply travels inside ``FitRes``."""
-
     @abstractmethod
     def server_round(self, ctx: RoundContext) -> ServerAggregator: ...
 
     @abstractmethod
-    def client_round(self, ctx: RoundContext, client: str) -> ClientProtector: ...
+    def client_round(self, ctx: RoundContext, client: str, local: LocalModel | None = None) -> ClientProtector:
+        """The client's half of a round; ``local`` answers questions about its model and data."""
 
     @abstractmethod
     def recover(self, aggregate: Payload, ctx: RoundContext) -> np.ndarray:
@@ -112,10 +128,6 @@ class OneShotMechanism(Mechanism, Generic[Accumulator]):
     """Protect -> aggregate (streaming) -> recover in a single stage."""
 
     stage: ClassVar[str] = "protect"
-
-    @property
-    def stages(self) -> tuple[str, ...]:
-        return (self.stage,)
 
     @abstractmethod
     def protect(self, contribution: np.ndarray, ctx: RoundContext) -> Payload: ...
@@ -134,7 +146,7 @@ class OneShotMechanism(Mechanism, Generic[Accumulator]):
     def server_round(self, ctx: RoundContext) -> ServerAggregator:
         return _OneShotAggregator(self, ctx)
 
-    def client_round(self, ctx: RoundContext, client: str) -> ClientProtector:
+    def client_round(self, ctx: RoundContext, client: str, local: LocalModel | None = None) -> ClientProtector:
         return _OneShotProtector(self, ctx)
 
 
@@ -144,6 +156,10 @@ class _OneShotAggregator(ServerAggregator):
         self._ctx = ctx
         self._accumulator = mechanism.empty(ctx)
         self.folded = 0
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        return (self._mechanism.stage,)
 
     def request(self, stage: str, client: str) -> Payload:
         return Payload()
@@ -164,4 +180,10 @@ class _OneShotProtector(ClientProtector):
         self._ctx = ctx
 
     def respond(self, stage: str, request: Payload, contribution: np.ndarray) -> Payload:
+        if stage != self._mechanism.stage:
+            raise ValueError(f"mechanism {self._mechanism.name!r} has no stage {stage!r}")
         return self._mechanism.protect(contribution, self._ctx)
+
+    @property
+    def done(self) -> bool:
+        return True

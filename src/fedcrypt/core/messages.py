@@ -40,6 +40,7 @@ class FitIns:
     config: dict[str, Scalar]
     participants: tuple[str, ...]
     payload: Payload = field(default_factory=Payload)
+    stage: str = "protect"  # the mechanism stage that ``payload`` opens and ``FitRes`` answers
 
 
 @dataclass
@@ -116,6 +117,7 @@ def to_parts(message: Message, *, job: str, sender: str) -> list[memoryview]:
     if isinstance(message, FitIns):
         meta["config"] = message.config
         meta["participants"] = list(message.participants)
+        meta["stage"] = message.stage
         if message.params is not None:
             blobs["params"] = np.asarray(message.params, dtype=np.float32)
     elif isinstance(message, FitRes):
@@ -144,7 +146,8 @@ def from_bytes(data: bytes | bytearray | memoryview | SpooledMessage) -> Receive
         params = env.blobs.get("params")
         if params is not None and (params.dtype != np.float32 or params.ndim != 1):
             raise WireError("params must be a flat float32 vector")
-        message: Message = FitIns(env.round, params, config, tuple(participants), _payload(env))
+        stage = _field(meta, "stage", str)
+        message: Message = FitIns(env.round, params, config, tuple(participants), _payload(env), stage)
     elif env.type == FitRes.TYPE:
         num_examples = _field(meta, "num_examples", int)
         metrics = _field(meta, "metrics", dict)

@@ -153,12 +153,13 @@ class Server:
         losses: list[tuple[float, int]] = []
 
         shared: list[memoryview] = []  # with no per-client payload all clients get the same buffers
+        first_stage, *later_stages = aggregator.stages
 
         def fit_request(client: str) -> list[memoryview]:
-            payload = aggregator.request(self.mechanism.stages[0], client)
+            payload = aggregator.request(first_stage, client)
             personal = bool(payload.meta or payload.arrays)
             if personal or not shared:
-                message = FitIns(server_round, self.params, config, participants, payload)
+                message = FitIns(server_round, self.params, config, participants, payload, first_stage)
                 parts = to_parts(message, job=self.job, sender=SERVER_NAME)
                 if not personal:
                     shared[:] = parts
@@ -171,14 +172,14 @@ class Server:
             assert isinstance(payload, FitRes)
             if payload.num_examples <= 0:
                 raise PayloadRejected(f"reports {payload.num_examples} training examples")
-            self._fold(aggregator, self.mechanism.stages[0], client, payload, record)
+            self._fold(aggregator, first_stage, client, payload, record)
             losses.append((payload.metrics.get("train_loss", float("nan")), payload.num_examples))
             record.train_seconds += payload.metrics.get("train_seconds", 0.0)
             record.protect_seconds += payload.metrics.get("protect_seconds", 0.0)
 
         survivors = self._exchange(participants, fit_request, FitRes, on_fit, server_round, record)
-        aggregator.close_stage(self.mechanism.stages[0], survivors)
-        for stage in self.mechanism.stages[1:]:
+        aggregator.close_stage(first_stage, survivors)
+        for stage in later_stages:
 
             def stage_request(client: str, stage: str = stage) -> bytes:
                 return self._send(StageIns(server_round, stage, aggregator.request(stage, client)), record)

@@ -5,12 +5,15 @@ Mechanisms with keys are built per role: the server's instance gets public mater
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from fedcrypt.core.mechanism import Mechanism
-from fedcrypt.crypto.ckks import PRESETS, SecretKey
+from fedcrypt.core.params import ParamSpec
+from fedcrypt.crypto.ckks import PRESETS, PublicParams, SecretKey
 from fedcrypt.mechanisms.ckks import CkksMechanism, load_public, load_secret
 from fedcrypt.mechanisms.plaintext import PlaintextMechanism
+from fedcrypt.mechanisms.selective import SelectiveCkksMechanism
 
 MECHANISMS: tuple[str, ...] = (PlaintextMechanism.name, CkksMechanism.name)
 
@@ -18,6 +21,29 @@ MECHANISMS: tuple[str, ...] = (PlaintextMechanism.name, CkksMechanism.name)
 def _check(name: str) -> None:
     if name not in MECHANISMS:
         raise ValueError(f"unknown mechanism {name!r}; available: {', '.join(MECHANISMS)}")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which entries an HE mechanism encrypts: all (the default), the most sensitive
+    ``ratio`` of them, or the tensors matching ``layers`` (fnmatch patterns)."""
+
+    ratio: float = 1.0
+    layers: tuple[str, ...] = ()
+
+    @property
+    def full(self) -> bool:
+        return self.ratio == 1.0 and not self.layers
+
+
+def _ckks(public: PublicParams, secret: SecretKey | None, spec: ParamSpec | None, selection: Selection) -> Mechanism:
+    if selection.full:
+        return CkksMechanism(public, secret)
+    if spec is None:
+        raise ValueError("selective encryption needs the model's parameter layout")
+    return SelectiveCkksMechanism(
+        public, secret, spec=spec, encrypt_ratio=selection.ratio, encrypt_layers=selection.layers
+    )
 
 
 def build_mechanism(name: str) -> Mechanism:
@@ -28,7 +54,14 @@ def build_mechanism(name: str) -> Mechanism:
     return PlaintextMechanism()
 
 
-def simulation_mechanisms(name: str, *, preset: str, key_dir: Path | None) -> tuple[Mechanism, Mechanism]:
+def simulation_mechanisms(
+    name: str,
+    *,
+    preset: str,
+    key_dir: Path | None,
+    spec: ParamSpec | None = None,
+    selection: Selection = Selection(),
+) -> tuple[Mechanism, Mechanism]:
     """(server's instance, clients' instance) for one process. Without ``key_dir`` an HE
     mechanism gets a fresh key for this run; the server's instance still holds no secret."""
     _check(name)
@@ -36,20 +69,24 @@ def simulation_mechanisms(name: str, *, preset: str, key_dir: Path | None) -> tu
         mechanism = PlaintextMechanism()
         return mechanism, mechanism
     secret = load_secret(key_dir) if key_dir is not None else SecretKey(PRESETS[preset])
-    return CkksMechanism(secret.public), CkksMechanism(secret.public, secret)
+    return _ckks(secret.public, None, spec, selection), _ckks(secret.public, secret, spec, selection)
 
 
-def server_mechanism(name: str, *, key_dir: Path | None) -> Mechanism:
+def server_mechanism(
+    name: str, *, key_dir: Path | None, spec: ParamSpec | None = None, selection: Selection = Selection()
+) -> Mechanism:
     """The deployed server's instance: public parameters only."""
     _check(name)
     if name == PlaintextMechanism.name:
         return PlaintextMechanism()
     if key_dir is None:
         raise ValueError(f"mechanism {name!r} needs --keys DIR with the key authority's public file")
-    return CkksMechanism(load_public(key_dir))
+    return _ckks(load_public(key_dir), None, spec, selection)
 
 
-def client_mechanism(name: str, *, key_dir: Path | None) -> Mechanism:
+def client_mechanism(
+    name: str, *, key_dir: Path | None, spec: ParamSpec | None = None, selection: Selection = Selection()
+) -> Mechanism:
     """A deployed client's instance, with the secret key."""
     _check(name)
     if name == PlaintextMechanism.name:
@@ -57,13 +94,15 @@ def client_mechanism(name: str, *, key_dir: Path | None) -> Mechanism:
     if key_dir is None:
         raise ValueError(f"mechanism {name!r} needs --keys DIR with the key authority's secret file")
     secret = load_secret(key_dir)
-    return CkksMechanism(secret.public, secret)
+    return _ckks(secret.public, secret, spec, selection)
 
 
 __all__ = [
     "MECHANISMS",
     "CkksMechanism",
     "PlaintextMechanism",
+    "Selection",
+    "SelectiveCkksMechanism",
     "build_mechanism",
     "client_mechanism",
     "server_mechanism",
