@@ -92,3 +92,30 @@ def test_every_preset_is_accepted_by_seal_at_128_bits() -> None:
     insecure = Preset("insecure", 4096, (60, 60), 40, "log q = 120 > 109 for N = 4096")
     with pytest.raises(CkksError, match="rejected by SEAL"):
         SecretKey(insecure)
+
+
+def test_worker_processes_encrypt_and_decrypt_what_a_single_process_does(
+    key: SecretKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    shared = SecretKey(key.preset, key_bytes=key.to_bytes(), processes=2)
+    try:
+        assert shared.public == key.public
+        vectors = np.random.default_rng(5).uniform(-1, 1, size=(2, 40 * key.preset.slots + 5))
+        c0, c1 = _sum_ciphertexts(shared, vectors)  # 41 ciphertexts: split between two processes
+        assert shared._workers is not None and len(shared._workers) == 1
+        expected = vectors.sum(axis=0)
+        assert np.abs(key.decrypt(c0, c1, vectors.shape[1]) - expected).max() <= 1e-6  # in-process
+        assert np.abs(shared.decrypt(c0, c1, vectors.shape[1]) - expected).max() <= 1e-6  # split
+        shared._workers[0]._process.kill()  # a worker dies: its share is redone here, correctly
+        shared._workers[0]._process.wait()
+        assert np.abs(shared.decrypt(c0, c1, vectors.shape[1]) - expected).max() <= 1e-6
+        assert "redoing its share in this process" in caplog.text
+        c0, c1 = _sum_ciphertexts(shared, vectors[:1])  # a fresh pool after the failure
+        assert np.abs(key.decrypt(c0, c1, vectors.shape[1]) - vectors[0]).max() <= 1e-6
+    finally:
+        shared.close()
+
+
+def test_a_key_from_bytes_must_be_a_key(key: SecretKey) -> None:
+    with pytest.raises(CkksError, match="not a CKKS secret key"):
+        SecretKey(key.preset, key_bytes=b"\x00" * 64)
