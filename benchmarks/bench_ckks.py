@@ -14,8 +14,8 @@ For each vector size (default 1M and 11M values, ResNet-18 size) and ``--updates
 Updates stream as in a real round: client i encrypts, its payload goes through the real wire
 encoding, the server folds it, and it is dropped. Times: client encrypt is per update (mean),
 server aggregate is the total for all updates, client decrypt is once. Peak memory is the child's
-peak RSS above its RSS before the first update (client and server in one process; fedcrypt's
-worker processes are reported separately). fedcrypt's worker processes start on a client's first
+peak RSS (``VmHWM``, reset after setup) above its RSS before the first update: client and server
+in one process; fedcrypt's worker processes are reported separately (one worker's peak). fedcrypt's worker processes start on a client's first
 encryption and live as long as its key; that first call is timed separately. Values are
 uniform in [-1, 1].
 """
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import RESULTS_DIR, command_line, machine_info, peak_rss_bytes, write_json
+from common import RESULTS_DIR, command_line, machine_info, write_json
 
 SYSTEMS = ("none", "tenseal", "ckks", "ckks-1proc", "ckks-0.3", "ckks-0.1")
 LABELS = {
@@ -49,8 +49,20 @@ def _vector(size: int, client: int) -> np.ndarray:
 
 
 def _rss() -> int:
+    """Current RSS; also restarts the peak count (``VmHWM``), so setup does not count."""
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as clear:
+        clear.write("5")
     with open("/proc/self/statm", encoding="ascii") as statm:
         return int(statm.read().split()[1]) * 4096
+
+
+def _peak(pid: int | str = "self") -> int:
+    """Peak RSS (``VmHWM``) of a process since its last reset, in bytes."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc status")
 
 
 def _wire(payload: Any) -> tuple[Any, int]:
@@ -113,6 +125,9 @@ def run_fedcrypt(system: str, size: int, updates: int) -> dict[str, Any]:
             agree = _agree_mask(server_side, client_side, ctx, size)
         else:
             server_side, client_side = CkksMechanism(secret.public), CkksMechanism(secret.public, secret)
+    for worker in (getattr(secret, "_workers", None) or ()):
+        with open(f"/proc/{worker._process.pid}/clear_refs", "w", encoding="ascii") as clear:
+            clear.write("5")
     baseline = _rss()
     aggregator = server_side.server_round(ctx)
     assert aggregator.stages == (PROTECT_STAGE,)
@@ -168,18 +183,13 @@ def _agree_mask(server_side: Any, client_side: Any, ctx: Any, size: int) -> floa
 
 
 def _worker_peak_mib(secret: Any) -> float:
-    peak = 0
-    for worker in (getattr(secret, "_workers", None) or ()):
-        with open(f"/proc/{worker._process.pid}/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    peak = max(peak, int(line.split()[1]) * 1024)
-    return peak / 2**20
+    workers = getattr(secret, "_workers", None) or ()
+    return max((_peak(worker._process.pid) for worker in workers), default=0) / 2**20
 
 
 def _row(encrypt: float, aggregate: float, decrypt: float, sent: int, summed: np.ndarray, baseline: int,
          size: int, updates: int) -> dict[str, Any]:
-    peak = peak_rss_bytes()
+    peak = _peak()
     exact = np.zeros(size, dtype=np.float64)
     for client in range(updates):
         exact += _vector(size, client)

@@ -217,3 +217,27 @@ def test_normalized_scores_lie_in_zero_one(scores: np.ndarray) -> None:
     out = normalized(scores)
     assert ((out >= 0) & (out <= 1)).all()
     assert (out[np.isinf(scores)] == 1).all()
+
+
+def test_a_mask_most_clients_disagree_with_is_not_kept(secret: SecretKey) -> None:
+    """The first answer fixes the round's mask; if it was the odd one out, the next round agrees
+    afresh instead of binding the job to it."""
+    server, clients = _pair(secret, 0.1)
+    ctx = _ctx()
+    aggregator = server.server_round(ctx)
+    vectors = _contributions()
+    protectors = {name: mech.client_round(ctx, name, _FixedLocal(_scores(i))) for i, (name, mech) in
+                  enumerate(clients.items())}
+    for name, vector in zip(protectors, vectors):
+        aggregator.fold(SENSITIVITY_STAGE, name, _wire(protectors[name].respond(SENSITIVITY_STAGE, Payload(), vector)))
+    aggregator.close_stage(SENSITIVITY_STAGE, list(protectors))
+    replies = {name: protectors[name].respond(PROTECT_STAGE, _request(aggregator.request(PROTECT_STAGE, name)), vector)
+               for name, vector in zip(protectors, vectors)}
+    replies["a"].meta["mask"] = "f" * 32  # a client that derived another mask answers first
+    aggregator.fold(PROTECT_STAGE, "a", _wire(replies["a"]))
+    for name in ("b", "c"):
+        with pytest.raises(PayloadRejected, match="another encryption mask"):
+            aggregator.fold(PROTECT_STAGE, name, _wire(replies[name]))
+    aggregator.close_stage(PROTECT_STAGE, ["a"])
+    assert server.digest is None
+    assert server.server_round(_ctx(2)).stages == (SENSITIVITY_STAGE, PROTECT_STAGE)

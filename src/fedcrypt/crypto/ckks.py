@@ -155,7 +155,7 @@ class PublicParams:
         return cls(preset, moduli, fingerprint)
 
 
-def expand_a(seed: bytes, block: int, moduli: np.ndarray, degree: int) -> np.ndarray:
+def expand_a(seed: bytes, block: int, moduli: np.ndarray, degree: int, dtype: type = np.uint64) -> np.ndarray:
     """The uniformly random polynomial ``a`` of ciphertext ``block``, from the message seed.
 
     SHAKE-256(seed | block) gives 32-bit words, masked to 30 bits; words >= q are rejected, so
@@ -166,7 +166,7 @@ def expand_a(seed: bytes, block: int, moduli: np.ndarray, degree: int) -> np.nda
     while True:
         stream = hashlib.shake_256(seed + block.to_bytes(8, "little")).digest(4 * words_needed)
         words = np.frombuffer(stream, dtype=np.uint32) & np.uint32((1 << 30) - 1)
-        out = np.empty((moduli.shape[0], degree), dtype=np.uint64)
+        out = np.empty((moduli.shape[0], degree), dtype=dtype)
         taken = 0
         for row, modulus in enumerate(moduli):
             positions = np.flatnonzero(words[taken:] < modulus)

@@ -26,7 +26,7 @@ _BLOCKS_PER_WINDOW = 16
 
 @dataclass
 class _Sum:
-    """Both ciphertext polynomials of every block, summed without reduction (uint64 holds 2^34 terms)."""
+    """Both ciphertext polynomials of every block, summed modulo each prime (uint32: primes < 2^30)."""
 
     c0: np.ndarray
     c1: np.ndarray
@@ -48,6 +48,7 @@ class CkksMechanism(OneShotMechanism[_Sum]):
         self.public = public
         self._secret = secret
         self._moduli = np.array(public.moduli, dtype=np.uint64)
+        self._moduli32 = self._moduli.astype(np.uint32)
 
     # --- client ----------------------------------------------------------------------------
 
@@ -95,7 +96,7 @@ class CkksMechanism(OneShotMechanism[_Sum]):
 
     def empty(self, ctx: RoundContext) -> _Sum:
         shape = (self.public.blocks(ctx.vector_size), *self.public.shape)
-        return _Sum(np.zeros(shape, dtype=np.uint64), np.zeros(shape, dtype=np.uint64))
+        return _Sum(np.zeros(shape, dtype=np.uint32), np.zeros(shape, dtype=np.uint32))
 
     def fold_one(self, accumulator: _Sum, payload: Payload, ctx: RoundContext) -> _Sum:
         if payload.meta.get("fingerprint") != self.public.fingerprint:
@@ -115,20 +116,25 @@ class CkksMechanism(OneShotMechanism[_Sum]):
             window = c0[start : start + step].reshape(-1, primes, degree)
             if not (window < self._moduli[:, None]).all():
                 raise PayloadRejected("ciphertext coefficients out of range: corrupted ciphertext")
+        q = self._moduli32[:, None]
         for start in range(0, blocks, _BLOCKS_PER_WINDOW):
             window = c0[start * block_size : (start + _BLOCKS_PER_WINDOW) * block_size].reshape(-1, primes, degree)
-            accumulator.c0[start : start + window.shape[0]] += window
+            _add_mod(accumulator.c0[start : start + window.shape[0]], window, q)
             for block in range(start, start + window.shape[0]):
-                accumulator.c1[block] += expand_a(seed_bytes, block, self._moduli, degree)
+                _add_mod(accumulator.c1[block], expand_a(seed_bytes, block, self._moduli, degree, np.uint32), q)
         return accumulator
 
     def to_payload(self, accumulator: _Sum, ctx: RoundContext) -> Payload:
-        q = self._moduli[:, None]
         return Payload(
             meta={"fingerprint": self.public.fingerprint},
-            arrays={name: (poly % q).astype(np.uint32).reshape(-1) for name, poly in
-                    (("c0", accumulator.c0), ("c1", accumulator.c1))},
+            arrays={"c0": accumulator.c0.reshape(-1), "c1": accumulator.c1.reshape(-1)},
         )
+
+
+def _add_mod(total: np.ndarray, term: np.ndarray, q: np.ndarray) -> None:
+    """``total = (total + term) mod q`` in place, for uint32 operands already below q < 2^30."""
+    total += term
+    np.subtract(total, q, out=total, where=total >= q)
 
 
 def load_public(key_dir: Path) -> PublicParams:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import replace
@@ -46,6 +47,8 @@ from fedcrypt.core.params import ParamSpec
 from fedcrypt.core.wire import WINDOW
 from fedcrypt.crypto.ckks import PublicParams, SecretKey
 from fedcrypt.mechanisms.ckks import CkksMechanism
+
+log = logging.getLogger(__name__)
 
 SENSITIVITY_STAGE = "sensitivity"
 PROTECT_STAGE = "protect"
@@ -184,6 +187,7 @@ class _SelectiveServer(ServerAggregator):
         self._cipher_sum = ckks.empty(mechanism._sub(ctx, self._count))
         self._plain_sum = np.zeros(ctx.vector_size - self._count, dtype=np.float32)
         self._holders: list[str] = []
+        self._mismatched = 0
 
     @property
     def stages(self) -> tuple[str, ...]:
@@ -212,6 +216,7 @@ class _SelectiveServer(ServerAggregator):
         if self._digest is None and isinstance(digest, str):
             self._digest = digest  # the first client to answer fixes the round's mask
         if digest != self._digest:
+            self._mismatched += 1
             raise PayloadRejected("update made under another encryption mask than the other clients'")
         plain = payload.arrays.get("plain")
         size = self._plain_sum.shape[0]
@@ -233,6 +238,11 @@ class _SelectiveServer(ServerAggregator):
             mechanism._encrypted_map = mechanism.ckks.to_payload(self._map_sum, sub)
             self._map_sum = None
         elif stage == PROTECT_STAGE:
+            if self._agreeing and self._mismatched >= len(self._holders):
+                # The first answer fixed the mask and most clients disagreed: agree again next round
+                # rather than hold the job to a mask only a minority derived.
+                log.warning("selective encryption: clients derived different masks; agreeing again next round")
+                return
             mechanism.digest = self._digest  # the server learns the digest, never needs the bits
             mechanism._holders.update(self._holders)
 
