@@ -243,6 +243,9 @@ class _SelectiveServer(ServerAggregator):
                 # rather than hold the job to a mask only a minority derived.
                 log.warning("selective encryption: clients derived different masks; agreeing again next round")
                 return
+            if self._agreeing and self._digest is not None:
+                log.info("round %d: clients agreed an encryption mask of %d of %d entries (%s)",
+                         self._ctx.round, self._count, self._ctx.vector_size, self._digest[:12])
             mechanism.digest = self._digest  # the server learns the digest, never needs the bits
             mechanism._holders.update(self._holders)
 
