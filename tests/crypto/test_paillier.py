@@ -9,7 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedcrypt.crypto.paillier import PaillierError, PrivateKey, PublicKey, djn_public_key, generate_keypair
+from fedcrypt.crypto.paillier import (
+    FixedPoint,
+    PaillierError,
+    PrivateKey,
+    PublicKey,
+    djn_public_key,
+    generate_keypair,
+)
 
 BITS = 1024  # tests use the smallest allowed key; the default is 2048
 
@@ -115,3 +122,35 @@ def test_key_files_round_trip_and_reject_tampering(keys: tuple[PublicKey, Privat
         PrivateKey(public, 3, 5)
     with pytest.raises(PaillierError, match="even number of bits >= 1024"):
         generate_keypair(512)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(-1e6, 1e6, allow_nan=False), min_size=1, max_size=8))
+def test_fixed_point_is_python_paillier_s_encoding_and_sums_decrypt_exactly(
+    keys: tuple[PublicKey, PrivateKey], values: list[float]
+) -> None:
+    public, private = keys
+    encoding = FixedPoint(public, frac_bits=32)
+    encoded = encoding.encode(np.array(values))
+    phe_public = phe.PaillierPublicKey(int(public.n))
+    assert encoded == [phe.EncodedNumber.encode(phe_public, v, precision=2**-32).encoding for v in values]
+    ciphertexts = public.encrypt(encoded)
+    total = ciphertexts[0]
+    for c in ciphertexts[1:]:
+        total = public.add(total, c)
+    decoded = encoding.decode(private.decrypt([total]))[0]
+    assert abs(decoded - sum(values)) <= len(values) * 2**-33 + abs(sum(values)) * 1e-15
+
+
+def test_fixed_point_overflow_is_reported_never_wrapped(keys: tuple[PublicKey, PrivateKey]) -> None:
+    public, private = keys
+    encoding = FixedPoint(public, frac_bits=32)
+    near = encoding.max_value * 0.9
+    with pytest.raises(PaillierError, match="beyond the encoding's range"):
+        encoding.encode(np.array([encoding.max_value * 1.5]))
+    with pytest.raises(PaillierError, match="NaN"):
+        encoding.encode(np.array([np.nan]))
+    first, second = public.encrypt(encoding.encode(np.array([near, near])))
+    with pytest.raises(PaillierError, match="overflow"):
+        encoding.decode(private.decrypt([public.add(first, second)]))
+    assert encoding.decode(encoding.encode(np.array([-near, -1.5, 0.0])))[1] == -1.5

@@ -17,6 +17,7 @@ With ``n = p q`` and ``g = n + 1`` (as python-paillier and FATE choose):
   Obfuscators do not depend on the message, so clients can compute them ahead of time
   (:meth:`PublicKey.obfuscators`); encrypting is then one multiplication per value.
 
+Floats are encoded in fixed point (:class:`FixedPoint`), as python-paillier and FATE do.
 All randomness comes from :mod:`secrets`. Ciphertexts travel as fixed-width little-endian bytes.
 """
 
@@ -242,3 +243,47 @@ def djn_public_key(n: int) -> PublicKey:
         if x > 1 and gmpy2.gcd(x, n) == 1:
             break
     return PublicKey(n, gmpy2.powmod(n - gmpy2.f_mod(x * x, n), n, n * n))
+
+
+class FixedPoint:
+    """Fixed-point encoding of floats into ``Z_n`` (python-paillier's with ``precision = 2^-bits``).
+
+    ``x`` becomes ``round(x * 2^frac_bits) mod n``: negatives wrap to the top of ``Z_n``. Only the
+    lowest and highest thirds of ``Z_n`` are valid encodings (``|m| <= n // 3``), so a sum that
+    overflows lands in the middle third and is *reported* when decoded, never wrapped into a wrong
+    number. Every value shares one scale, so encodings add homomorphically without rescaling.
+    """
+
+    def __init__(self, public: PublicKey, frac_bits: int = 32) -> None:
+        self.n = int(public.n)
+        self.max_int = self.n // 3
+        self.frac_bits = frac_bits
+        self.scale = float(2**frac_bits)
+
+    @property
+    def max_value(self) -> float:
+        """The largest magnitude a value, or a sum of values, may reach."""
+        return self.max_int / 2**self.frac_bits
+
+    def encode(self, values: np.ndarray) -> list[int]:
+        values = np.asarray(values, dtype=np.float64)
+        if not np.isfinite(values).all():
+            raise PaillierError("cannot encode NaN or Inf")
+        if values.size and np.abs(values).max() > self.max_value:
+            raise PaillierError(f"values beyond the encoding's range of +-{self.max_value:.3g}")
+        n = self.n
+        return [int(v) % n for v in np.rint(values * self.scale)]
+
+    def decode(self, encodings: Iterable[int]) -> np.ndarray:
+        """Floats from (summed) encodings; raises :class:`PaillierError` on overflow."""
+        n, max_int = self.n, self.max_int
+        out = []
+        for m in encodings:
+            m = int(m)
+            if m <= max_int:
+                out.append(m / 2**self.frac_bits)
+            elif m >= n - max_int:
+                out.append((m - n) / 2**self.frac_bits)
+            else:
+                raise PaillierError("overflow: a sum left the encoding's range (it is not wrapped)")
+        return np.array(out, dtype=np.float64)
