@@ -140,6 +140,15 @@ def test_selective_ckks_simulation_matches_plaintext_and_ships_less(selection: d
     assert selective.history[-1].bytes_up < full.history[0].bytes_up
 
 
+def test_paillier_simulation_matches_plaintext_fedavg() -> None:
+    job = fedcrypt.load_job(QUICKSTART).with_overrides(job={"rounds": 2}, model={"name": "logreg"})
+    plain = fedcrypt.simulate(job)
+    encrypted = fedcrypt.simulate(job.with_overrides(privacy={"mechanism": "paillier", "paillier_bits": 1024}))
+    assert all(r.status == "ok" and r.succeeded == 10 for r in encrypted.history)
+    np.testing.assert_allclose(encrypted.params, plain.params, atol=1e-5)
+    assert encrypted.history[0].bytes_up > 50 * plain.history[0].bytes_up  # 256 bytes per value
+
+
 def test_a_client_that_cannot_decrypt_is_skipped_for_the_next_one() -> None:
     job = load_job(QUICKSTART).with_overrides(
         job={"rounds": 1}, data={"num_clients": 3}, strategy={"min_fit_clients": 2}

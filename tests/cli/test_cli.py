@@ -55,6 +55,8 @@ def test_quickstart_runs_end_to_end_and_writes_the_run_directory(tmp_path: Path)
         ('[privacy]\nmechanism = "ckks"\npreset = "huge"\n', "unknown CKKS preset 'huge'"),
         ('[privacy]\nmechanism = "ckks"\nkeys = "/nonexistent"\n', "cannot read /nonexistent/ckks.public.json"),
         ('[privacy]\nmechanism = "ckks"\nencrypt_layers = ["conv9.*"]\n', "pattern 'conv9.*' matches no tensor"),
+        ('[privacy]\nmechanism = "paillier"\nkeys = "/nonexistent"\n', "cannot read /nonexistent/paillier.public.json"),
+        ('[privacy]\nmechanism = "paillier"\npaillier_bits = 1000\n', "privacy.paillier_bits"),
     ],
 )
 def test_user_errors_print_one_line_and_exit_2(tmp_path: Path, content: str, message: str) -> None:
@@ -97,3 +99,14 @@ def test_he_server_without_keys_is_refused_before_listening(tmp_path: Path) -> N
     result = fedcrypt("server", str(job), "--insecure", "--address", "127.0.0.1:0", "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and "needs --keys DIR" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_paillier_keys_command_writes_the_two_roles_files(tmp_path: Path) -> None:
+    made = fedcrypt("keys", "paillier", "--out", str(tmp_path / "keys"), "--bits", "1024")
+    assert made.returncode == 0, made.stderr
+    assert oct((tmp_path / "keys" / "paillier.secret.json").stat().st_mode & 0o777) == "0o600"
+    assert "fingerprint" in made.stdout
+    again = fedcrypt("keys", "paillier", "--out", str(tmp_path / "keys"), "--bits", "1024")
+    assert again.returncode == 2 and "refusing to overwrite" in again.stderr and "Traceback" not in again.stderr
+    odd = fedcrypt("keys", "paillier", "--out", str(tmp_path / "other"), "--bits", "1000")
+    assert odd.returncode == 2 and "--bits must be" in odd.stderr

@@ -20,7 +20,9 @@ import torch
 import fedcrypt
 from fedcrypt.core.params import flatten
 from fedcrypt.crypto.ckks import PRESETS, SecretKey
+from fedcrypt.crypto.paillier import generate_keypair
 from fedcrypt.mechanisms.ckks import write_keys
+from fedcrypt.mechanisms.paillier import write_keys as write_paillier_keys
 from fedcrypt.transport.certs import client_files, write_bundle
 
 CLIENTS = ["client-000", "client-001", "client-002"]
@@ -259,3 +261,20 @@ def test_selective_ckks_agrees_its_mask_over_grpc_and_matches_the_simulation(dep
     deployed = flatten(torch.load(tmp / "out" / "model.pt"))
     simulated = fedcrypt.simulate(fedcrypt.load_job(job).with_overrides(privacy={"keys": str(tmp / "keys")}))
     np.testing.assert_allclose(deployed, simulated.params, atol=1e-4)
+
+
+def test_paillier_over_grpc_matches_the_simulation(deployment: dict[str, object]) -> None:
+    tmp = deployment["dir"]
+    assert isinstance(tmp, Path)
+    write_paillier_keys(tmp / "keys", generate_keypair(1024)[1])
+    job = _job(tmp, rounds=2, extra='[model]\nname = "logreg"\n[privacy]\nmechanism = "paillier"\n')
+    server = _server(deployment, job, "--keys", str(tmp / "keys"))
+    clients = [_client(deployment, name, i, "--keys", str(tmp / "keys")) for i, name in enumerate(CLIENTS)]
+    _finish(server, tmp / "server.log")
+    for name, process in zip(CLIENTS, clients):
+        _finish(process, tmp / f"{name}.log")
+    rows = _rounds(tmp / "out")
+    assert [r["round"] for r in rows] == [1, 2] and all(r["succeeded"] == 3 and r["status"] == "ok" for r in rows)
+    deployed = flatten(torch.load(tmp / "out" / "model.pt"))
+    simulated = fedcrypt.simulate(fedcrypt.load_job(job).with_overrides(privacy={"keys": str(tmp / "keys")}))
+    np.testing.assert_allclose(deployed, simulated.params, atol=1e-5)

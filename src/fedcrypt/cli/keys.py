@@ -15,6 +15,8 @@ from rich.table import Table
 
 from fedcrypt.cli.certs import _user_errors
 from fedcrypt.crypto.ckks import PRESETS, SecretKey
+from fedcrypt.crypto.paillier import DEFAULT_BITS, generate_keypair
+from fedcrypt.mechanisms import paillier as paillier_files
 from fedcrypt.mechanisms.ckks import PUBLIC_FILE, SECRET_FILE, write_keys
 
 keys_app = typer.Typer(name="keys", help="Create key material for homomorphic mechanisms.", no_args_is_help=True)
@@ -34,9 +36,28 @@ def ckks(
             raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
         secret = SecretKey(PRESETS[preset])
         write_keys(out, secret)
+    _print_files(out, PUBLIC_FILE, SECRET_FILE)
+    console.print(f"preset [bold]{preset}[/] ({PRESETS[preset].description}); key fingerprint {secret.public.fingerprint}")
+
+
+@keys_app.command()
+def paillier(
+    out: Annotated[Path, typer.Option(help="Folder for paillier.public.json and paillier.secret.json.", show_default=False)],
+    bits: Annotated[int, typer.Option(help="Key size: 1024, 2048, 3072 or 4096 bits.")] = DEFAULT_BITS,
+) -> None:
+    """Create a Paillier key: the secret file (0600) goes to every client, the public file to the server."""
+    with _user_errors():
+        if bits not in (1024, 2048, 3072, 4096):
+            raise ValueError(f"--bits must be 1024, 2048, 3072 or 4096, got {bits}")
+        public, private = generate_keypair(bits)
+        paillier_files.write_keys(out, private)
+    _print_files(out, paillier_files.PUBLIC_FILE, paillier_files.SECRET_FILE)
+    console.print(f"{bits}-bit key; fingerprint {public.fingerprint}")
+
+
+def _print_files(out: Path, public_file: str, secret_file: str) -> None:
     table = Table("file", "mode", "give it to")
-    for name, audience in ((PUBLIC_FILE, "the server (and every client)"), (SECRET_FILE, "every client, never the server")):
+    for name, audience in ((public_file, "the server (and every client)"), (secret_file, "every client, never the server")):
         path = out / name
         table.add_row(str(path), f"{stat.S_IMODE(path.stat().st_mode):04o}", audience)
     console.print(table)
-    console.print(f"preset [bold]{preset}[/] ({PRESETS[preset].description}); key fingerprint {secret.public.fingerprint}")

@@ -102,6 +102,9 @@ class PrivacySection(_Section):
     mechanism: str = "none"
     preset: str = Field("fast", description="CKKS parameter preset (see `fedcrypt keys ckks --help`)")
     keys: str | None = Field(None, description="key directory; simulations without one use a fresh key per run")
+    paillier_bits: Literal[1024, 2048, 3072, 4096] = Field(
+        2048, description="paillier: key size of the fresh key a simulation without `keys` makes"
+    )
     encrypt_ratio: float = Field(
         1.0, gt=0, le=1, description="ckks: encrypt the most privacy-sensitive fraction of parameters (1 = all)"
     )

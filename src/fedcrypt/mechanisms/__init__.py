@@ -11,11 +11,14 @@ from pathlib import Path
 from fedcrypt.core.mechanism import Mechanism
 from fedcrypt.core.params import ParamSpec
 from fedcrypt.crypto.ckks import PRESETS, PublicParams, SecretKey
+from fedcrypt.crypto.paillier import generate_keypair
+from fedcrypt.mechanisms import paillier as paillier_keys
 from fedcrypt.mechanisms.ckks import CkksMechanism, load_public, load_secret
+from fedcrypt.mechanisms.paillier import PaillierMechanism
 from fedcrypt.mechanisms.plaintext import PlaintextMechanism
 from fedcrypt.mechanisms.selective import SelectiveCkksMechanism
 
-MECHANISMS: tuple[str, ...] = (PlaintextMechanism.name, CkksMechanism.name)
+MECHANISMS: tuple[str, ...] = (PlaintextMechanism.name, CkksMechanism.name, PaillierMechanism.name)
 
 
 def _check(name: str) -> None:
@@ -61,6 +64,7 @@ def simulation_mechanisms(
     key_dir: Path | None,
     spec: ParamSpec | None = None,
     selection: Selection = Selection(),
+    paillier_bits: int = 2048,
 ) -> tuple[Mechanism, Mechanism]:
     """(server's instance, clients' instance) for one process. Without ``key_dir`` an HE
     mechanism gets a fresh key for this run; the server's instance still holds no secret."""
@@ -68,6 +72,9 @@ def simulation_mechanisms(
     if name == PlaintextMechanism.name:
         mechanism = PlaintextMechanism()
         return mechanism, mechanism
+    if name == PaillierMechanism.name:
+        private = paillier_keys.load_secret(key_dir) if key_dir is not None else generate_keypair(paillier_bits)[1]
+        return PaillierMechanism(private.public), PaillierMechanism(private.public, private)
     secret = load_secret(key_dir) if key_dir is not None else SecretKey(PRESETS[preset])
     return _ckks(secret.public, None, spec, selection), _ckks(secret.public, secret, spec, selection)
 
@@ -81,6 +88,8 @@ def server_mechanism(
         return PlaintextMechanism()
     if key_dir is None:
         raise ValueError(f"mechanism {name!r} needs --keys DIR with the key authority's public file")
+    if name == PaillierMechanism.name:
+        return PaillierMechanism(paillier_keys.load_public(key_dir))
     return _ckks(load_public(key_dir), None, spec, selection)
 
 
@@ -93,6 +102,9 @@ def client_mechanism(
         return PlaintextMechanism()
     if key_dir is None:
         raise ValueError(f"mechanism {name!r} needs --keys DIR with the key authority's secret file")
+    if name == PaillierMechanism.name:
+        private = paillier_keys.load_secret(key_dir)
+        return PaillierMechanism(private.public, private)
     secret = load_secret(key_dir)
     return _ckks(secret.public, secret, spec, selection)
 
@@ -100,6 +112,7 @@ def client_mechanism(
 __all__ = [
     "MECHANISMS",
     "CkksMechanism",
+    "PaillierMechanism",
     "PlaintextMechanism",
     "Selection",
     "SelectiveCkksMechanism",

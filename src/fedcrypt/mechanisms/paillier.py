@@ -1,0 +1,125 @@
+"""The ``paillier`` mechanism: every value Paillier-encrypted on its own, as FATE does.
+
+Clients encode each value of their contribution in fixed point (:class:`FixedPoint`) and encrypt
+it under the job's public key; the server multiplies ciphertexts (adding the plaintexts) with the
+public key only; a client decrypts the sum. One ciphertext per value makes this the honest
+baseline (512 bytes per value with a 2048-bit key) and the right choice for small models; large
+models want ``batchcrypt`` or ``ckks``.
+
+Payloads carry the key fingerprint; the server refuses ciphertexts under another key, of the wrong
+count or width, and ciphertexts that are not units modulo ``n^2`` (zero, >= n^2, corrupted),
+before touching the sum. A client refuses to encrypt a contribution whose sum could leave the
+encoding's range; a sum that overflows anyway is reported at decryption, never wrapped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import ClassVar
+
+import gmpy2
+import numpy as np
+from gmpy2 import mpz
+
+from fedcrypt.core.mechanism import OneShotMechanism, PayloadRejected, RecoveryError, RoundContext
+from fedcrypt.core.messages import Payload
+from fedcrypt.crypto.paillier import FixedPoint, PaillierError, PrivateKey, PublicKey
+
+PUBLIC_FILE = "paillier.public.json"
+SECRET_FILE = "paillier.secret.json"
+
+
+class PaillierMechanism(OneShotMechanism[list[mpz]]):
+    """Per-value Paillier. With only a :class:`PublicKey` it can aggregate (the server's
+    instance); with the :class:`PrivateKey` it can also protect and recover (a client's)."""
+
+    name: ClassVar[str] = "paillier"
+    server_can_recover: ClassVar[bool] = False
+
+    def __init__(self, public: PublicKey, private: PrivateKey | None = None, frac_bits: int = 32) -> None:
+        if private is not None and private.public != public:
+            raise PaillierError("the private key does not belong to this public key")
+        self.public = public
+        self._private = private
+        self.encoding = FixedPoint(public, frac_bits)
+
+    # --- client ----------------------------------------------------------------------------
+
+    def protect(self, contribution: np.ndarray, ctx: RoundContext) -> Payload:
+        if self._private is None:
+            raise ValueError("cannot encrypt: this party holds no Paillier private key")
+        peak = float(np.max(np.abs(contribution))) if contribution.size else 0.0
+        worst = peak * max(len(ctx.participants), 1)
+        if not np.isfinite(peak) or worst > self.encoding.max_value:
+            raise ValueError(f"contribution values up to {peak:.3g} could sum beyond the encoding's range")
+        ciphertexts = self.public.encrypt(self.encoding.encode(contribution))
+        return Payload(meta={"fingerprint": self.public.fingerprint}, arrays={"c": self.public.to_array(ciphertexts)})
+
+    def recover(self, aggregate: Payload, ctx: RoundContext) -> np.ndarray:
+        if self._private is None:
+            raise RecoveryError("cannot decrypt: this party holds no Paillier private key")
+        try:
+            ciphertexts = self._parse(aggregate, ctx)
+            return self.encoding.decode(self._private.decrypt(ciphertexts)).astype(np.float32)
+        except PaillierError as exc:
+            raise RecoveryError(str(exc)) from None
+
+    # --- server ----------------------------------------------------------------------------
+
+    def empty(self, ctx: RoundContext) -> list[mpz]:
+        return [mpz(1)] * ctx.vector_size  # 1 is an encryption of 0, the identity of the product
+
+    def fold_one(self, accumulator: list[mpz], payload: Payload, ctx: RoundContext) -> list[mpz]:
+        try:
+            ciphertexts = self._parse(payload, ctx)  # validates every ciphertext before any addition
+        except PaillierError as exc:
+            raise PayloadRejected(str(exc)) from None
+        nsquare = self.public.nsquare
+        return [gmpy2.f_mod(total * c, nsquare) for total, c in zip(accumulator, ciphertexts)]
+
+    def to_payload(self, accumulator: list[mpz], ctx: RoundContext) -> Payload:
+        return Payload(meta={"fingerprint": self.public.fingerprint}, arrays={"c": self.public.to_array(accumulator)})
+
+    def _parse(self, payload: Payload, ctx: RoundContext) -> list[mpz]:
+        if payload.meta.get("fingerprint") != self.public.fingerprint:
+            raise PaillierError("ciphertexts under another key (fingerprint mismatch)")
+        array = payload.arrays.get("c")
+        width = self.public.ciphertext_bytes
+        if array is None or array.shape != (ctx.vector_size, width):
+            raise PaillierError(f"expected {ctx.vector_size} ciphertexts of {width} bytes")
+        return self.public.from_array(np.asarray(array))
+
+
+def load_public(key_dir: Path) -> PublicKey:
+    """The server's material: the public key."""
+    path = key_dir / PUBLIC_FILE
+    try:
+        return PublicKey.from_json(path.read_text())
+    except OSError as exc:
+        raise PaillierError(f"cannot read {path}: {exc.strerror} (create keys with `fedcrypt keys paillier`)") from None
+
+
+def load_secret(key_dir: Path) -> PrivateKey:
+    """A client's material: the private key, checked against the public key."""
+    public = load_public(key_dir)
+    path = key_dir / SECRET_FILE
+    if not path.is_file():
+        raise PaillierError(f"no Paillier private key at {path}: clients need the key authority's secret file")
+    private = PrivateKey.from_json(path.read_text())
+    if private.public != public:
+        raise PaillierError(f"{path} does not match {key_dir / PUBLIC_FILE} (different n)")
+    return private
+
+
+def write_keys(key_dir: Path, private: PrivateKey) -> None:
+    """Write the public key (0644) and the private key (0600, created fresh) for a key authority."""
+    key_dir.mkdir(parents=True, exist_ok=True)
+    for name in (PUBLIC_FILE, SECRET_FILE):
+        if (key_dir / name).exists():
+            raise PaillierError(f"{key_dir / name} exists; refusing to overwrite keys")
+    fd = os.open(key_dir / SECRET_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(private.to_json() + "\n")
+    (key_dir / PUBLIC_FILE).write_text(json.dumps(json.loads(private.public.to_json()), indent=2) + "\n")
