@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -150,12 +151,18 @@ class PublicKey:
         width = self.ciphertext_bytes
         if array.dtype != np.uint8 or array.ndim != 2 or array.shape[1] != width:
             raise PaillierError(f"ciphertexts must be rows of {width} bytes")
+        data = np.ascontiguousarray(array).tobytes()
+        n, nsquare = self.n, self.nsquare
         out = []
-        for row in np.asarray(array):
-            c = mpz(int.from_bytes(row.tobytes(), "little"))
-            if not 0 < c < self.nsquare or gmpy2.gcd(c, self.n) != 1:
+        product = mpz(1)  # a ciphertext sharing a factor with n makes the product share it too
+        for start in range(0, len(data), width):
+            c = mpz(int.from_bytes(data[start : start + width], "little"))
+            if not 0 < c < nsquare:
                 raise PaillierError("ciphertext out of range or not invertible: corrupted or under another key")
+            product = gmpy2.f_mod(product * c, n)
             out.append(c)
+        if gmpy2.gcd(product, n) != 1:
+            raise PaillierError("ciphertext out of range or not invertible: corrupted or under another key")
         return out
 
     def to_json(self) -> str:
@@ -262,8 +269,11 @@ class FixedPoint:
 
     @property
     def max_value(self) -> float:
-        """The largest magnitude a value, or a sum of values, may reach."""
-        return self.max_int / 2**self.frac_bits
+        """The largest magnitude a value, or a sum of values, may reach (capped at float64's)."""
+        try:
+            return self.max_int / 2**self.frac_bits
+        except OverflowError:
+            return sys.float_info.max
 
     def encode(self, values: np.ndarray) -> list[int]:
         values = np.asarray(values, dtype=np.float64)
