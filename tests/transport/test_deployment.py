@@ -231,16 +231,8 @@ def test_ckks_over_grpc_with_the_server_holding_only_public_parameters(deploymen
     public_only.mkdir()
     (public_only / "ckks.public.json").write_text((tmp / "keys" / "ckks.public.json").read_text())
     job = _job(tmp, rounds=2, extra='[privacy]\nmechanism = "ckks"\n')
-    server = _server(deployment, job, "--keys", str(public_only))
-    clients = [_client(deployment, name, i, "--keys", str(tmp / "keys")) for i, name in enumerate(CLIENTS)]
-    _finish(server, tmp / "server.log")
-    for name, process in zip(CLIENTS, clients):
-        _finish(process, tmp / f"{name}.log")
-    rows = _rounds(tmp / "out")
-    assert [r["round"] for r in rows] == [1, 2] and all(r["succeeded"] == 3 and r["status"] == "ok" for r in rows)
-    deployed = flatten(torch.load(tmp / "out" / "model.pt"))
-    simulated = fedcrypt.simulate(fedcrypt.load_job(job).with_overrides(privacy={"keys": str(tmp / "keys")}))
-    np.testing.assert_allclose(deployed, simulated.params, atol=1e-4)
+    _deploy_two_rounds(deployment, job, public_only)
+    _assert_matches_simulation(tmp, job, atol=1e-4)
 
 
 def test_selective_ckks_agrees_its_mask_over_grpc_and_matches_the_simulation(deployment: dict[str, object]) -> None:
@@ -248,19 +240,11 @@ def test_selective_ckks_agrees_its_mask_over_grpc_and_matches_the_simulation(dep
     assert isinstance(tmp, Path)
     write_keys(tmp / "keys", SecretKey(PRESETS["fast"]))
     job = _job(tmp, rounds=2, extra='[privacy]\nmechanism = "ckks"\nencrypt_ratio = 0.1\n')
-    server = _server(deployment, job, "--keys", str(tmp / "keys"))
-    clients = [_client(deployment, name, i, "--keys", str(tmp / "keys")) for i, name in enumerate(CLIENTS)]
-    _finish(server, tmp / "server.log")
-    for name, process in zip(CLIENTS, clients):
-        _finish(process, tmp / f"{name}.log")
-    rows = _rounds(tmp / "out")
-    assert [r["round"] for r in rows] == [1, 2] and all(r["succeeded"] == 3 and r["status"] == "ok" for r in rows)
+    rows = _deploy_two_rounds(deployment, job, tmp / "keys")
     assert all(0.1 < r["encrypted_fraction"] < 0.11 for r in rows)
     # Round 1 also carries the encrypted sensitivity maps and the global map back.
     assert rows[0]["bytes_up"] > rows[1]["bytes_up"] and rows[0]["bytes_down"] > rows[1]["bytes_down"]
-    deployed = flatten(torch.load(tmp / "out" / "model.pt"))
-    simulated = fedcrypt.simulate(fedcrypt.load_job(job).with_overrides(privacy={"keys": str(tmp / "keys")}))
-    np.testing.assert_allclose(deployed, simulated.params, atol=1e-4)
+    _assert_matches_simulation(tmp, job, atol=1e-4)
 
 
 def test_paillier_over_grpc_matches_the_simulation(deployment: dict[str, object]) -> None:
@@ -268,13 +252,27 @@ def test_paillier_over_grpc_matches_the_simulation(deployment: dict[str, object]
     assert isinstance(tmp, Path)
     write_paillier_keys(tmp / "keys", generate_keypair(1024)[1])
     job = _job(tmp, rounds=2, extra='[model]\nname = "logreg"\n[privacy]\nmechanism = "paillier"\n')
-    server = _server(deployment, job, "--keys", str(tmp / "keys"))
+    _deploy_two_rounds(deployment, job, tmp / "keys")
+    _assert_matches_simulation(tmp, job, atol=1e-5)
+
+
+def _deploy_two_rounds(deployment: dict[str, object], job: Path, server_keys: Path) -> list[dict[str, object]]:
+    """Run ``job`` (2 rounds) with the server on ``server_keys`` and the clients on ``DIR/keys``;
+    returns the server's metrics rows after checking every round succeeded with all clients."""
+    tmp = deployment["dir"]
+    assert isinstance(tmp, Path)
+    server = _server(deployment, job, "--keys", str(server_keys))
     clients = [_client(deployment, name, i, "--keys", str(tmp / "keys")) for i, name in enumerate(CLIENTS)]
     _finish(server, tmp / "server.log")
     for name, process in zip(CLIENTS, clients):
         _finish(process, tmp / f"{name}.log")
     rows = _rounds(tmp / "out")
     assert [r["round"] for r in rows] == [1, 2] and all(r["succeeded"] == 3 and r["status"] == "ok" for r in rows)
+    return rows
+
+
+def _assert_matches_simulation(tmp: Path, job: Path, atol: float) -> None:
+    """The deployed model equals a simulation of the same job with the same keys."""
     deployed = flatten(torch.load(tmp / "out" / "model.pt"))
     simulated = fedcrypt.simulate(fedcrypt.load_job(job).with_overrides(privacy={"keys": str(tmp / "keys")}))
-    np.testing.assert_allclose(deployed, simulated.params, atol=1e-5)
+    np.testing.assert_allclose(deployed, simulated.params, atol=atol)

@@ -43,6 +43,8 @@ from typing import IO
 import numpy as np
 import zstandard
 
+from fedcrypt.crypto.keyfiles import write_secret
+
 SEED_BYTES = 32
 _SEAL_MAGIC = 0xA15E
 _SEAL_HEADER = struct.Struct("<HBBBBHQ")  # magic, header size, major, minor, compression, reserved, size
@@ -303,10 +305,7 @@ class SecretKey:
 
     def save(self, path: Path) -> None:
         """Write the SEAL secret key to ``path`` with mode 0600 (created fresh, never widened)."""
-        data = self.to_bytes()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+        write_secret(path, self.to_bytes())
 
     # --- encryption ------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ import numpy as np
 from fedcrypt.core.mechanism import OneShotMechanism, PayloadRejected, RecoveryError, RoundContext
 from fedcrypt.core.messages import Payload
 from fedcrypt.crypto.ckks import SEED_BYTES, CkksError, PublicParams, SecretKey, expand_a
+from fedcrypt.crypto.keyfiles import read_key_file, write_key_pair
 
 PUBLIC_FILE = "ckks.public.json"
 SECRET_FILE = "ckks.secret"
@@ -139,11 +140,7 @@ def _add_mod(total: np.ndarray, term: np.ndarray, q: np.ndarray) -> None:
 
 def load_public(key_dir: Path) -> PublicParams:
     """The server's material: public parameters and the key fingerprint."""
-    path = key_dir / PUBLIC_FILE
-    try:
-        return PublicParams.from_json(path.read_text())
-    except OSError as exc:
-        raise CkksError(f"cannot read {path}: {exc.strerror} (create keys with `fedcrypt keys ckks`)") from None
+    return PublicParams.from_json(read_key_file(key_dir / PUBLIC_FILE, "ckks", CkksError))
 
 
 def load_secret(key_dir: Path) -> SecretKey:
@@ -160,9 +157,4 @@ def load_secret(key_dir: Path) -> SecretKey:
 
 def write_keys(key_dir: Path, secret: SecretKey) -> None:
     """Write the public parameters (0644) and the secret key (0600) for a key authority."""
-    key_dir.mkdir(parents=True, exist_ok=True)
-    for name in (PUBLIC_FILE, SECRET_FILE):
-        if (key_dir / name).exists():
-            raise CkksError(f"{key_dir / name} exists; refusing to overwrite keys")
-    secret.save(key_dir / SECRET_FILE)
-    (key_dir / PUBLIC_FILE).write_text(secret.public.to_json() + "\n")
+    write_key_pair(key_dir, (PUBLIC_FILE, secret.public.to_json()), (SECRET_FILE, secret.to_bytes()), CkksError)

@@ -14,8 +14,6 @@ encoding's range; a sum that overflows anyway is reported at decryption, never w
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import ClassVar
 
@@ -25,6 +23,7 @@ from gmpy2 import mpz
 
 from fedcrypt.core.mechanism import OneShotMechanism, PayloadRejected, RecoveryError, RoundContext
 from fedcrypt.core.messages import Payload
+from fedcrypt.crypto.keyfiles import read_key_file, write_key_pair
 from fedcrypt.crypto.paillier import FixedPoint, PaillierError, PrivateKey, PublicKey
 
 PUBLIC_FILE = "paillier.public.json"
@@ -94,11 +93,7 @@ class PaillierMechanism(OneShotMechanism[list[mpz]]):
 
 def load_public(key_dir: Path) -> PublicKey:
     """The server's material: the public key."""
-    path = key_dir / PUBLIC_FILE
-    try:
-        return PublicKey.from_json(path.read_text())
-    except OSError as exc:
-        raise PaillierError(f"cannot read {path}: {exc.strerror} (create keys with `fedcrypt keys paillier`)") from None
+    return PublicKey.from_json(read_key_file(key_dir / PUBLIC_FILE, "paillier", PaillierError))
 
 
 def load_secret(key_dir: Path) -> PrivateKey:
@@ -107,7 +102,7 @@ def load_secret(key_dir: Path) -> PrivateKey:
     path = key_dir / SECRET_FILE
     if not path.is_file():
         raise PaillierError(f"no Paillier private key at {path}: clients need the key authority's secret file")
-    private = PrivateKey.from_json(path.read_text())
+    private = PrivateKey.from_json(read_key_file(path, "paillier", PaillierError))
     if private.public != public:
         raise PaillierError(f"{path} does not match {key_dir / PUBLIC_FILE} (different n)")
     return private
@@ -115,11 +110,6 @@ def load_secret(key_dir: Path) -> PrivateKey:
 
 def write_keys(key_dir: Path, private: PrivateKey) -> None:
     """Write the public key (0644) and the private key (0600, created fresh) for a key authority."""
-    key_dir.mkdir(parents=True, exist_ok=True)
-    for name in (PUBLIC_FILE, SECRET_FILE):
-        if (key_dir / name).exists():
-            raise PaillierError(f"{key_dir / name} exists; refusing to overwrite keys")
-    fd = os.open(key_dir / SECRET_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(private.to_json() + "\n")
-    (key_dir / PUBLIC_FILE).write_text(json.dumps(json.loads(private.public.to_json()), indent=2) + "\n")
+    write_key_pair(
+        key_dir, (PUBLIC_FILE, private.public.to_json()), (SECRET_FILE, private.to_json().encode()), PaillierError
+    )
