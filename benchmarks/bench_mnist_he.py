@@ -1,7 +1,8 @@
-"""MNIST FedAvg with plaintext, full CKKS and selective CKKS updates: accuracy and cost, one run.
+"""MNIST FedAvg with plaintext, CKKS, selective CKKS and BatchCrypt updates: accuracy and cost, one run.
 
-Runs ``examples/mnist.toml``, ``examples/mnist_ckks.toml`` and ``examples/mnist_ckks_selective.toml``
-(the same data split, model, seeds and rounds) in simulation and reports final accuracy, its
+Runs ``examples/mnist.toml``, ``examples/mnist_ckks.toml``, ``examples/mnist_ckks_selective.toml``
+and ``examples/mnist_batchcrypt.toml`` at 16 and 8 bits (the same data split, model, seeds and
+rounds) in simulation and reports final accuracy, its
 difference to plaintext FedAvg, bytes uploaded and the time split per phase. Needs the MNIST IDX
 files (``FEDCRYPT_DATA``).
 """
@@ -18,11 +19,20 @@ from common import RESULTS_DIR, command_line, machine_info, write_json
 import fedcrypt
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-JOBS = {"plaintext": "mnist.toml", "ckks": "mnist_ckks.toml", "ckks 10 %": "mnist_ckks_selective.toml"}
+JOBS: dict[str, tuple[str, dict[str, Any]]] = {
+    "plaintext": ("mnist.toml", {}),
+    "ckks": ("mnist_ckks.toml", {}),
+    "ckks 10 %": ("mnist_ckks_selective.toml", {}),
+    "batchcrypt 16 bits": ("mnist_batchcrypt.toml", {}),
+    "batchcrypt 8 bits": ("mnist_batchcrypt.toml", {"bits": 8}),
+}
 
 
 def run(name: str, rounds: int | None) -> dict[str, Any]:
-    job = fedcrypt.load_job(EXAMPLES / JOBS[name])
+    path, privacy = JOBS[name]
+    job = fedcrypt.load_job(EXAMPLES / path)
+    if privacy:
+        job = job.with_overrides(privacy=privacy)
     if rounds is not None:
         job = job.with_overrides(job={"rounds": rounds})
     started = time.perf_counter()
@@ -39,7 +49,9 @@ def run(name: str, rounds: int | None) -> dict[str, Any]:
         "bytes_down": sum(r.bytes_down for r in history),
         **{key: sum(getattr(r, key) for r in history) for key in
            ("train_seconds", "protect_seconds", "aggregate_seconds", "recover_seconds")},
-        "encrypted_fraction": history[-1].mechanism.get("encrypted_fraction", 1.0 if name == "ckks" else 0.0),
+        "encrypted_fraction": history[-1].mechanism.get(
+            "encrypted_fraction", 0.0 if name == "plaintext" else 1.0
+        ),
     }
 
 

@@ -192,3 +192,109 @@ def test_a_client_that_cannot_decrypt_is_skipped_for_the_next_one() -> None:
     assert record.status == "failed" and "no surviving client could decrypt" in record.error
     assert "key store locked" in record.failures["b"] and "key store locked" in record.failures["c"]
     np.testing.assert_array_equal(server.params, after_first)
+
+
+def test_batchcrypt_simulation_matches_plaintext_fedavg_at_plaintext_traffic() -> None:
+    job = fedcrypt.load_job(QUICKSTART).with_overrides(job={"rounds": 2}, model={"name": "logreg"})
+    plain = fedcrypt.simulate(job)
+    packed = fedcrypt.simulate(job.with_overrides(privacy={"mechanism": "batchcrypt", "paillier_bits": 1024}))
+    assert all(r.status == "ok" and r.succeeded == 10 for r in packed.history)
+    np.testing.assert_allclose(packed.params, plain.params, atol=2e-3)  # 16-bit quantization
+    assert packed.history[0].mechanism["batchcrypt_bytes_per_value"] < 4.5
+    assert packed.history[0].bytes_up < 1.3 * plain.history[0].bytes_up  # ~4 bytes per value, like float32
+
+
+def test_a_client_reporting_absurd_statistics_is_dropped_and_the_round_goes_on() -> None:
+    from fedcrypt.crypto.paillier import generate_keypair
+    from fedcrypt.mechanisms import BatchCryptMechanism
+
+    job = load_job(QUICKSTART).with_overrides(job={"rounds": 1}, data={"num_clients": 3}, strategy={"min_fit_clients": 2})
+    dataset = load_dataset("digits")
+    trainer = build_trainer(job, dataset)
+    x, y = train_tensors(dataset)
+    public, private = generate_keypair(1024)
+
+    class Boasting(BatchCryptMechanism):  # claims a range that would wreck everyone's quantization
+        def client_round(self, ctx, client, local=None):  # type: ignore[no-untyped-def]
+            honest = super().client_round(ctx, client, local)
+            respond = honest.respond
+
+            def boast(stage, request, contribution):  # type: ignore[no-untyped-def]
+                reply = respond(stage, request, contribution)
+                if stage == "stats":
+                    reply.arrays["range"] = reply.arrays["range"] * 1e15
+                return reply
+
+            honest.respond = boast  # type: ignore[method-assign]
+            return honest
+
+    sizes = [t.numel for t in trainer.spec.tensors]
+    mechanisms = {
+        "a": Boasting(public, private, tensor_sizes=sizes),
+        "b": BatchCryptMechanism(public, private, tensor_sizes=sizes),
+        "c": BatchCryptMechanism(public, private, tensor_sizes=sizes),
+    }
+    clients = {
+        name: Client(name, job.job.name, trainer, ClientData(x, y, torch.from_numpy(part)), mechanisms[name])
+        for name, part in zip("abc", partition_clients(job, dataset))
+    }
+    before = trainer.initial_params()
+    server = Server(
+        job=job.job.name,
+        strategy=FedAvg(min_fit_clients=2),
+        mechanism=BatchCryptMechanism(public, tensor_sizes=sizes),
+        params=before,
+        transport=InProcessTransport(clients),
+    )
+    record = server.run_round(1)
+    assert record.status == "ok" and record.succeeded == 2
+    assert "absurd" in record.failures["a"]
+    assert np.isfinite(server.params).all() and not np.array_equal(server.params, before)
+
+
+def test_key_holders_decrypt_pieces_in_parallel_and_a_failed_piece_goes_to_another() -> None:
+    from fedcrypt.crypto.paillier import generate_keypair
+    from fedcrypt.mechanisms import PaillierMechanism
+
+    job = load_job(QUICKSTART).with_overrides(
+        job={"rounds": 1}, data={"num_clients": 3}, strategy={"min_fit_clients": 2}, model={"name": "logreg"}
+    )
+    dataset = load_dataset("digits")
+    trainer = build_trainer(job, dataset)
+    x, y = train_tensors(dataset)
+    public, private = generate_keypair(1024)
+    start = trainer.initial_params().copy()  # training moves the shared trainer's model
+    decrypted: dict[str, int] = {}
+
+    class Counting(PaillierMechanism):
+        def recover(self, aggregate, ctx):  # type: ignore[no-untyped-def]
+            return self.note(super().recover(aggregate, ctx))
+
+        def note(self, values: np.ndarray) -> np.ndarray:
+            decrypted[self.owner] = decrypted.get(self.owner, 0) + values.size
+            return values
+
+    class Refusing(Counting):
+        def recover(self, aggregate, ctx):  # type: ignore[no-untyped-def]
+            raise RecoveryError("key store locked")
+
+    def run(kinds: dict[str, type]):  # type: ignore[no-untyped-def]
+        clients = {}
+        for name, part in zip("abc", partition_clients(job, dataset)):
+            mechanism = kinds[name](public, private)
+            mechanism.owner = name
+            clients[name] = Client(name, job.job.name, trainer, ClientData(x, y, torch.from_numpy(part)), mechanism)
+        server = Server(job=job.job.name, strategy=FedAvg(min_fit_clients=2), mechanism=PaillierMechanism(public),
+                        params=start, transport=InProcessTransport(clients))
+        record = server.run_round(1)
+        return server.params, record
+
+    honest, record = run({"a": Counting, "b": Counting, "c": Counting})
+    size = trainer.spec.size + 1
+    assert record.status == "ok" and set(decrypted) == {"a", "b", "c"}
+    assert sum(decrypted.values()) == size and max(decrypted.values()) < size  # each decrypted one piece
+    decrypted.clear()
+    rerun, record = run({"a": Counting, "b": Refusing, "c": Counting})
+    assert record.status == "ok" and "key store locked" in record.failures["b"]
+    assert sum(decrypted.values()) == size and set(decrypted) == {"a", "c"}  # b's piece went to a survivor
+    np.testing.assert_allclose(rerun, honest, atol=1e-6)

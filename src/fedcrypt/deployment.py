@@ -87,7 +87,11 @@ def serve(
         job=job.job.name,
         strategy=build_strategy(job),
         mechanism=server_mechanism(
-            job.privacy.mechanism, key_dir=_key_dir(key_dir, job), spec=trainer.spec, selection=job.privacy.selection
+            job.privacy.mechanism,
+            key_dir=_key_dir(key_dir, job),
+            spec=trainer.spec,
+            selection=job.privacy.selection,
+            bits=job.privacy.bits,
         ),
         params=trainer.initial_params(),
         transport=transport,
@@ -195,7 +199,11 @@ def join(
         x, y = train_tensors(dataset)
         trainer = build_trainer(job, dataset)
         mechanism = client_mechanism(
-            job.privacy.mechanism, key_dir=_key_dir(key_dir, job), spec=trainer.spec, selection=job.privacy.selection
+            job.privacy.mechanism,
+            key_dir=_key_dir(key_dir, job),
+            spec=trainer.spec,
+            selection=job.privacy.selection,
+            bits=job.privacy.bits,
         )
         client = Client(
             name,

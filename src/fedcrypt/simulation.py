@@ -142,6 +142,7 @@ def _build(config: JobConfig, dataset: Dataset, trainer: LocalTrainer) -> Server
         spec=trainer.spec,
         selection=privacy.selection,
         paillier_bits=privacy.paillier_bits,
+        bits=privacy.bits,
     )
     clients = {
         name: Client(

@@ -57,6 +57,9 @@ def test_quickstart_runs_end_to_end_and_writes_the_run_directory(tmp_path: Path)
         ('[privacy]\nmechanism = "ckks"\nencrypt_layers = ["conv9.*"]\n', "pattern 'conv9.*' matches no tensor"),
         ('[privacy]\nmechanism = "paillier"\nkeys = "/nonexistent"\n', "cannot read /nonexistent/paillier.public.json"),
         ('[privacy]\nmechanism = "paillier"\npaillier_bits = 1000\n', "privacy.paillier_bits"),
+        ('[privacy]\nmechanism = "batchcrypt"\nbits = 1\n', "privacy.bits"),
+        ('[privacy]\nmechanism = "ckks"\nbits = 8\n', "bits applies to mechanism = \"batchcrypt\" only"),
+        ('[privacy]\nmechanism = "batchcrypt"\nkeys = "/nonexistent"\n', "cannot read /nonexistent/paillier.public.json"),
     ],
 )
 def test_user_errors_print_one_line_and_exit_2(tmp_path: Path, content: str, message: str) -> None:

@@ -36,7 +36,7 @@ def _fit_ins() -> FitIns:
         FitIns(1, None, {}, ()),
         FitRes(2, 40, {"train_loss": 0.5}, Payload(arrays={"vector": np.ones(5, dtype=np.float32)})),
         StageIns(4, "unmask", Payload({"dropped": ["c"]})),
-        StageRes(4, "unmask", Payload(arrays={"shares": np.arange(4, dtype=np.uint64)})),
+        StageRes(4, "unmask", Payload(arrays={"shares": np.arange(4, dtype=np.uint64)}), 0.25),
         ErrorReply(7, "no"),
         Shutdown(9),
     ],
@@ -112,6 +112,7 @@ GOOD = {"type": "shutdown", "job": "j", "round": 0, "sender": "s", "meta": {}, "
         ([1, 2], b"", "not a JSON object"),
         ({**GOOD, "type": "fit_res", "meta": {"num_examples": "9", "metrics": {}}}, b"", "num_examples"),
         ({**GOOD, "type": "fit_ins", "meta": {"config": {"a": [1]}, "participants": []}}, b"", "scalars"),
+        ({**GOOD, "type": "stage_res", "meta": {"stage": "s", "seconds": -1}}, b"", "stage seconds"),
     ],
 )
 def test_malformed_headers_name_the_problem(header: object, tail: bytes, reason: str) -> None:

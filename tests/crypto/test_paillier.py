@@ -154,3 +154,67 @@ def test_fixed_point_overflow_is_reported_never_wrapped(keys: tuple[PublicKey, P
     with pytest.raises(PaillierError, match="overflow"):
         encoding.decode(private.decrypt([public.add(first, second)]))
     assert encoding.decode(encoding.encode(np.array([-near, -1.5, 0.0])))[1] == -1.5
+
+
+# --- Damgard-Jurik levels ------------------------------------------------------------------------
+
+
+def _textbook_dj_decrypt(c: int, n: int, p: int, q: int, s: int) -> int:
+    """Damgard and Jurik's own decryption (their Theorem 1 algorithm, no CRT): ``c^lambda`` gives
+    ``(1 + n)^(m lambda)``, whose exponent is peeled off one power of ``n`` at a time."""
+    lam = (p - 1) * (q - 1) // int(gmpy2.gcd(p - 1, q - 1))
+    a = pow(c, lam, n ** (s + 1))
+    i = 0
+    for j in range(1, s + 1):
+        nj = n**j
+        t1 = ((a % n ** (j + 1)) - 1) // n
+        t2 = i
+        for k in range(2, j + 1):
+            i -= 1
+            t2 = t2 * i % nj
+            t1 = (t1 - t2 * n ** (k - 1) * pow(int(gmpy2.fac(k)), -1, nj)) % nj
+        i = t1
+    return i * pow(lam, -1, n**s) % n**s
+
+
+@pytest.mark.parametrize("s", [2, 3])
+def test_damgard_jurik_levels_decrypt_as_the_textbook_algorithm_and_add(keys: tuple[PublicKey, PrivateKey], s: int) -> None:
+    public, private = keys[0].at_level(s), keys[1].at_level(s)
+    assert public.fingerprint == keys[0].fingerprint and public.ciphertext_bytes == (s + 1) * BITS // 8
+    bound = int(public.plaintext_modulus)
+    rng = np.random.default_rng(s)
+    values = [0, 1, bound - 1] + [int.from_bytes(rng.bytes(s * BITS // 8), "little") % bound for _ in range(6)]
+    ciphertexts = public.encrypt(values)
+    n, p, q = int(public.n), int(private.p), int(private.q)
+    assert [_textbook_dj_decrypt(int(c), n, p, q, s) for c in ciphertexts] == values
+    assert private.decrypt(ciphertexts) == values
+    total = ciphertexts[0]
+    for c in ciphertexts[1:]:
+        total = public.add(total, c)
+    assert private.decrypt([total]) == [sum(values) % bound]
+    assert private.decrypt([public.multiply(ciphertexts[4], -3)]) == [(-3 * values[4]) % bound]
+
+
+def test_a_level_refuses_plaintexts_and_ciphertexts_beyond_its_range(keys: tuple[PublicKey, PrivateKey]) -> None:
+    public = keys[0].at_level(2)
+    with pytest.raises(PaillierError, match=r"\[0, n\^s\)"):
+        public.encrypt([int(public.plaintext_modulus)])
+    row = int(public.modulus).to_bytes(public.ciphertext_bytes + 1, "little")[: public.ciphertext_bytes]
+    with pytest.raises(PaillierError, match="out of range"):
+        public.from_array(np.frombuffer(row, dtype=np.uint8).reshape(1, -1))
+    with pytest.raises(PaillierError, match="level"):
+        keys[0].at_level(0)
+
+
+def test_worker_processes_share_large_batches_and_a_failed_worker_is_redone_here(
+    keys: tuple[PublicKey, PrivateKey], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    public, private = keys[0].at_level(2), keys[1].at_level(2)
+    count = 300
+    for executable in (None, "/bin/false", "/nonexistent/python"):  # working, failing, missing workers
+        if executable is not None:
+            monkeypatch.setattr("sys.executable", executable)
+        obfuscators = public.obfuscators(count, processes=3)
+        assert len(obfuscators) == count and len({int(o) for o in obfuscators}) == count
+        ciphertexts = public.encrypt(range(count), obfuscators)
+        assert private.decrypt(ciphertexts) == list(range(count))

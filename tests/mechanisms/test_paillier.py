@@ -101,3 +101,16 @@ def test_key_files_separate_the_roles(tmp_path: Path) -> None:
     (public_only / PUBLIC_FILE).write_text((tmp_path / PUBLIC_FILE).read_text())
     with pytest.raises(PaillierError, match="no Paillier private key"):
         client_mechanism("paillier", key_dir=public_only)
+
+
+def test_pieces_of_the_aggregate_recover_to_the_whole(pair: tuple[PaillierMechanism, PaillierMechanism]) -> None:
+    server_side, client_side = pair
+    ctx = RoundContext("job", 1, ("a",), 200)
+    vector = np.linspace(-3, 3, 200, dtype=np.float32)
+    aggregator = server_side.server_round(ctx)
+    aggregator.fold("protect", "a", client_side.protect(vector, ctx))
+    aggregate = aggregator.finish()
+    pieces = server_side.split(aggregate, ctx, 5)
+    assert [(p.start, p.stop) for p in pieces] == [(0, 66), (66, 133), (133, 200)]  # >= 64 ciphertexts each
+    np.testing.assert_allclose(np.concatenate([client_side.recover(p.payload, ctx) for p in pieces]), vector, atol=1e-6)
+    assert server_side.split(aggregate, RoundContext("job", 1, ("a",), 10), 5)[0].payload is aggregate  # mismatch: whole

@@ -276,3 +276,13 @@ def _assert_matches_simulation(tmp: Path, job: Path, atol: float) -> None:
     deployed = flatten(torch.load(tmp / "out" / "model.pt"))
     simulated = fedcrypt.simulate(fedcrypt.load_job(job).with_overrides(privacy={"keys": str(tmp / "keys")}))
     np.testing.assert_allclose(deployed, simulated.params, atol=atol)
+
+
+def test_batchcrypt_over_grpc_matches_the_simulation(deployment: dict[str, object]) -> None:
+    tmp = deployment["dir"]
+    assert isinstance(tmp, Path)
+    write_paillier_keys(tmp / "keys", generate_keypair(1024)[1])
+    job = _job(tmp, rounds=2, extra='[model]\nname = "logreg"\n[privacy]\nmechanism = "batchcrypt"\nbits = 12\n')
+    rows = _deploy_two_rounds(deployment, job, tmp / "keys")
+    assert all(r["batchcrypt_slots"] > 0 for r in rows)
+    _assert_matches_simulation(tmp, job, atol=2e-3)  # 12 bits, rounded stochastically in each run

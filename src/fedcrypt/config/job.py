@@ -103,8 +103,9 @@ class PrivacySection(_Section):
     preset: str = Field("fast", description="CKKS parameter preset (see `fedcrypt keys ckks --help`)")
     keys: str | None = Field(None, description="key directory; simulations without one use a fresh key per run")
     paillier_bits: Literal[1024, 2048, 3072, 4096] = Field(
-        2048, description="paillier: key size of the fresh key a simulation without `keys` makes"
+        2048, description="paillier, batchcrypt: key size of the fresh key a simulation without `keys` makes"
     )
+    bits: int = Field(16, ge=2, le=32, description="batchcrypt: quantization bits per value")
     encrypt_ratio: float = Field(
         1.0, gt=0, le=1, description="ckks: encrypt the most privacy-sensitive fraction of parameters (1 = all)"
     )
@@ -120,6 +121,8 @@ class PrivacySection(_Section):
         selective = self.encrypt_ratio != 1.0 or self.encrypt_layers
         if selective and self.mechanism != "ckks":
             raise ValueError("encrypt_ratio and encrypt_layers apply to mechanism = \"ckks\" only")
+        if self.bits != 16 and self.mechanism != "batchcrypt":
+            raise ValueError("bits applies to mechanism = \"batchcrypt\" only")
         if self.encrypt_ratio != 1.0 and self.encrypt_layers:
             raise ValueError("set either encrypt_ratio or encrypt_layers, not both")
         return self

@@ -89,10 +89,11 @@ class Client:
         if isinstance(message, StageIns):
             if self._protector is None or message.round != self._round or self._contribution is None:
                 raise ValueError(f"stage {message.stage!r} for round {message.round} without a fit")
+            started = time.perf_counter()
             payload = self._protector.respond(message.stage, message.payload, self._contribution)
             if self._protector.done:
                 self._forget_round()
-            return StageRes(message.round, message.stage, payload)
+            return StageRes(message.round, message.stage, payload, time.perf_counter() - started)
         if isinstance(message, Shutdown):
             self.finished = True
             return Shutdown(message.round)

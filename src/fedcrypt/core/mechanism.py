@@ -51,6 +51,42 @@ class RoundContext:
     vector_size: int
 
 
+@dataclass(frozen=True)
+class AggregatePiece:
+    """Part of an aggregate that one key holder can recover alone: the sum's values ``[start, stop)``."""
+
+    start: int
+    stop: int
+    payload: Payload
+
+
+#: A key holder's piece of an aggregate is worth its round trip from this many ciphertexts on.
+MIN_PIECE_ROWS = 64
+
+
+def row_ranges(rows: int, pieces: int) -> list[tuple[int, int]]:
+    """``rows`` ciphertexts (or other independently decryptable units) cut into at most
+    ``pieces`` near-equal ranges of at least ``MIN_PIECE_ROWS``."""
+    count = max(1, min(pieces, rows // MIN_PIECE_ROWS))
+    bounds = [rows * i // count for i in range(count + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def piece_rows(payload: Payload, rows: int) -> tuple[int, int]:
+    """The ciphertext rows ``[first, last)`` an aggregate (piece) holds, checked against ``rows``."""
+    piece = payload.meta.get("rows")
+    if piece is None:
+        return 0, rows
+    if (
+        not isinstance(piece, list)
+        or len(piece) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in piece)
+        or not 0 <= piece[0] < piece[1] <= rows
+    ):
+        raise ValueError(f"malformed aggregate piece {piece!r}")
+    return piece[0], piece[1]
+
+
 class LocalModel(Protocol):
     """What a mechanism may ask of the client's model and data besides the contribution."""
 
@@ -120,8 +156,13 @@ class Mechanism(ABC):
 
     @abstractmethod
     def recover(self, aggregate: Payload, ctx: RoundContext) -> np.ndarray:
-        """The sum of the survivors' contributions (a float array the caller may modify in place);
-        raises :class:`RecoveryError`."""
+        """The sum of the survivors' contributions (a float array the caller may modify in place),
+        or a piece's values for a piece from :meth:`split`; raises :class:`RecoveryError`."""
+
+    def split(self, aggregate: Payload, ctx: RoundContext, pieces: int) -> list[AggregatePiece]:
+        """The aggregate cut into at most ``pieces`` parts, so that several key holders recover it
+        in parallel (each decrypts only its part). By default it stays whole."""
+        return [AggregatePiece(0, ctx.vector_size, aggregate)]
 
 
 class OneShotMechanism(Mechanism, Generic[Accumulator]):

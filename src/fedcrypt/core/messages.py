@@ -66,6 +66,7 @@ class StageRes:
     round: int
     stage: str
     payload: Payload
+    seconds: float = 0.0  # the client's time to answer (reported as protect time)
 
 
 @dataclass
@@ -125,6 +126,8 @@ def to_parts(message: Message, *, job: str, sender: str) -> list[memoryview]:
         meta["metrics"] = message.metrics
     elif isinstance(message, (StageIns, StageRes)):
         meta["stage"] = message.stage
+        if isinstance(message, StageRes):
+            meta["seconds"] = message.seconds
     elif isinstance(message, ErrorReply):
         meta["reason"] = message.reason
     elif isinstance(message, JobSpec):
@@ -154,9 +157,13 @@ def from_bytes(data: bytes | bytearray | memoryview | SpooledMessage) -> Receive
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values()):
             raise WireError("metrics must be numbers")
         message = FitRes(env.round, num_examples, metrics, _payload(env))
-    elif env.type in (StageIns.TYPE, StageRes.TYPE):
-        cls = StageIns if env.type == StageIns.TYPE else StageRes
-        message = cls(env.round, _field(meta, "stage", str), _payload(env))
+    elif env.type == StageIns.TYPE:
+        message = StageIns(env.round, _field(meta, "stage", str), _payload(env))
+    elif env.type == StageRes.TYPE:
+        seconds = meta.get("seconds", 0.0)
+        if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not 0 <= seconds < float("inf"):
+            raise WireError("stage seconds must be a finite number >= 0")
+        message = StageRes(env.round, _field(meta, "stage", str), _payload(env), float(seconds))
     elif env.type == ErrorReply.TYPE:
         message = ErrorReply(env.round, _field(meta, "reason", str))
     elif env.type == Shutdown.TYPE:

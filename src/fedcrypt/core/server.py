@@ -189,6 +189,7 @@ class Server:
                 if payload.stage != stage:
                     raise PayloadRejected(f"answered stage {payload.stage!r} during {stage!r}")
                 self._fold(aggregator, stage, client, payload, record)
+                record.protect_seconds += payload.seconds
 
             survivors = self._exchange(survivors, stage_request, StageRes, on_stage, server_round, record)
             aggregator.close_stage(stage, survivors)
@@ -215,32 +216,46 @@ class Server:
     def _recover_by_key_holder(
         self, aggregate: Payload, ctx: RoundContext, survivors: list[str], record: RoundRecord
     ) -> np.ndarray:
-        """Ask survivors, one at a time, to decrypt the aggregate; the first valid sum wins.
+        """Have the survivors decrypt the aggregate: the mechanism cuts it into up to one piece
+        per survivor and each decrypts one piece at the same time. A piece whose key holder fails
+        goes to a survivor that succeeded; the round fails only when no key holder is left.
 
         The server learns the sum of the round's contributions, as with secure aggregation,
         and never any single one.
         """
-        request = StageIns(ctx.round, RECOVER_STAGE, aggregate)
-        summed: list[np.ndarray] = []
+        pending = self.mechanism.split(aggregate, ctx, len(survivors))
+        summed = np.empty(ctx.vector_size, dtype=np.float32)
+        holders = list(survivors)
+        while pending and holders:
+            assignment = dict(zip(holders, pending))
+            recovered: set[str] = set()
 
-        def on_sum(client: str, message: Message) -> None:
-            assert isinstance(message, StageRes)
-            total = message.payload.arrays.get("sum")
-            if message.stage != RECOVER_STAGE or total is None:
-                raise PayloadRejected("reply carries no decrypted sum")
-            if total.dtype != np.float32 or total.shape != (ctx.vector_size,):
-                raise PayloadRejected(f"decrypted sum has shape {total.shape}, expected ({ctx.vector_size},)")
-            total = np.array(total)  # writeable, in memory
-            if not np.isfinite(total).all():
-                raise PayloadRejected("decrypted sum contains NaN/Inf")
-            summed.append(total)
+            def on_sum(client: str, message: Message) -> None:
+                assert isinstance(message, StageRes)
+                piece = assignment[client]
+                total = message.payload.arrays.get("sum")
+                if message.stage != RECOVER_STAGE or total is None:
+                    raise PayloadRejected("reply carries no decrypted sum")
+                expected = (piece.stop - piece.start,)
+                if total.dtype != np.float32 or total.shape != expected:
+                    raise PayloadRejected(f"decrypted sum has shape {total.shape}, expected {expected}")
+                values = np.asarray(total)
+                if not np.isfinite(values).all():
+                    raise PayloadRejected("decrypted sum contains NaN/Inf")
+                summed[piece.start : piece.stop] = values
+                recovered.add(client)
 
-        for client in survivors:
-            self._exchange([client], lambda _: self._send(request, record), StageRes, on_sum, ctx.round, record)
-            if summed:
-                log.info("round %d: %s decrypted the aggregate", ctx.round, client)
-                return summed[0]
-        raise RecoveryError("no surviving client could decrypt the aggregate")
+            def request(client: str) -> bytes:
+                return self._send(StageIns(ctx.round, RECOVER_STAGE, assignment[client].payload), record)
+
+            self._exchange(list(assignment), request, StageRes, on_sum, ctx.round, record)
+            failed = [piece for client, piece in assignment.items() if client not in recovered]
+            pending = failed + pending[len(assignment) :]
+            holders = [client for client in holders if client in recovered or client not in assignment]
+        if pending:
+            raise RecoveryError("no surviving client could decrypt the aggregate")
+        log.info("round %d: the aggregate was decrypted by key-holding clients", ctx.round)
+        return summed
 
     def _send(self, message: Message, record: RoundRecord) -> bytes:
         data = to_bytes(message, job=self.job, sender=SERVER_NAME)

@@ -11,14 +11,20 @@ from pathlib import Path
 from fedcrypt.core.mechanism import Mechanism
 from fedcrypt.core.params import ParamSpec
 from fedcrypt.crypto.ckks import PRESETS, PublicParams, SecretKey
-from fedcrypt.crypto.paillier import generate_keypair
+from fedcrypt.crypto.paillier import PrivateKey, PublicKey, generate_keypair
 from fedcrypt.mechanisms import paillier as paillier_keys
+from fedcrypt.mechanisms.batchcrypt import BatchCryptMechanism
 from fedcrypt.mechanisms.ckks import CkksMechanism, load_public, load_secret
 from fedcrypt.mechanisms.paillier import PaillierMechanism
 from fedcrypt.mechanisms.plaintext import PlaintextMechanism
 from fedcrypt.mechanisms.selective import SelectiveCkksMechanism
 
-MECHANISMS: tuple[str, ...] = (PlaintextMechanism.name, CkksMechanism.name, PaillierMechanism.name)
+MECHANISMS: tuple[str, ...] = (
+    PlaintextMechanism.name, CkksMechanism.name, PaillierMechanism.name, BatchCryptMechanism.name
+)
+
+
+_PAILLIER_FAMILY = (PaillierMechanism.name, BatchCryptMechanism.name)
 
 
 def _check(name: str) -> None:
@@ -49,6 +55,15 @@ def _ckks(public: PublicParams, secret: SecretKey | None, spec: ParamSpec | None
     )
 
 
+def _paillier(
+    name: str, public: PublicKey, private: PrivateKey | None, spec: ParamSpec | None, bits: int
+) -> Mechanism:
+    if name == PaillierMechanism.name:
+        return PaillierMechanism(public, private)
+    sizes = [tensor.numel for tensor in spec.tensors] if spec is not None else None
+    return BatchCryptMechanism(public, private, bits=bits, tensor_sizes=sizes)
+
+
 def build_mechanism(name: str) -> Mechanism:
     """A mechanism that needs no keys."""
     _check(name)
@@ -65,6 +80,7 @@ def simulation_mechanisms(
     spec: ParamSpec | None = None,
     selection: Selection = Selection(),
     paillier_bits: int = 2048,
+    bits: int = 16,
 ) -> tuple[Mechanism, Mechanism]:
     """(server's instance, clients' instance) for one process. Without ``key_dir`` an HE
     mechanism gets a fresh key for this run; the server's instance still holds no secret."""
@@ -72,15 +88,20 @@ def simulation_mechanisms(
     if name == PlaintextMechanism.name:
         mechanism = PlaintextMechanism()
         return mechanism, mechanism
-    if name == PaillierMechanism.name:
+    if name in _PAILLIER_FAMILY:
         private = paillier_keys.load_secret(key_dir) if key_dir is not None else generate_keypair(paillier_bits)[1]
-        return PaillierMechanism(private.public), PaillierMechanism(private.public, private)
+        return _paillier(name, private.public, None, spec, bits), _paillier(name, private.public, private, spec, bits)
     secret = load_secret(key_dir) if key_dir is not None else SecretKey(PRESETS[preset])
     return _ckks(secret.public, None, spec, selection), _ckks(secret.public, secret, spec, selection)
 
 
 def server_mechanism(
-    name: str, *, key_dir: Path | None, spec: ParamSpec | None = None, selection: Selection = Selection()
+    name: str,
+    *,
+    key_dir: Path | None,
+    spec: ParamSpec | None = None,
+    selection: Selection = Selection(),
+    bits: int = 16,
 ) -> Mechanism:
     """The deployed server's instance: public parameters only."""
     _check(name)
@@ -88,13 +109,18 @@ def server_mechanism(
         return PlaintextMechanism()
     if key_dir is None:
         raise ValueError(f"mechanism {name!r} needs --keys DIR with the key authority's public file")
-    if name == PaillierMechanism.name:
-        return PaillierMechanism(paillier_keys.load_public(key_dir))
+    if name in _PAILLIER_FAMILY:
+        return _paillier(name, paillier_keys.load_public(key_dir), None, spec, bits)
     return _ckks(load_public(key_dir), None, spec, selection)
 
 
 def client_mechanism(
-    name: str, *, key_dir: Path | None, spec: ParamSpec | None = None, selection: Selection = Selection()
+    name: str,
+    *,
+    key_dir: Path | None,
+    spec: ParamSpec | None = None,
+    selection: Selection = Selection(),
+    bits: int = 16,
 ) -> Mechanism:
     """A deployed client's instance, with the secret key."""
     _check(name)
@@ -102,15 +128,16 @@ def client_mechanism(
         return PlaintextMechanism()
     if key_dir is None:
         raise ValueError(f"mechanism {name!r} needs --keys DIR with the key authority's secret file")
-    if name == PaillierMechanism.name:
+    if name in _PAILLIER_FAMILY:
         private = paillier_keys.load_secret(key_dir)
-        return PaillierMechanism(private.public, private)
+        return _paillier(name, private.public, private, spec, bits)
     secret = load_secret(key_dir)
     return _ckks(secret.public, secret, spec, selection)
 
 
 __all__ = [
     "MECHANISMS",
+    "BatchCryptMechanism",
     "CkksMechanism",
     "PaillierMechanism",
     "PlaintextMechanism",

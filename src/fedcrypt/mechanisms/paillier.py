@@ -21,7 +21,15 @@ import gmpy2
 import numpy as np
 from gmpy2 import mpz
 
-from fedcrypt.core.mechanism import OneShotMechanism, PayloadRejected, RecoveryError, RoundContext
+from fedcrypt.core.mechanism import (
+    AggregatePiece,
+    OneShotMechanism,
+    PayloadRejected,
+    RecoveryError,
+    RoundContext,
+    piece_rows,
+    row_ranges,
+)
 from fedcrypt.core.messages import Payload
 from fedcrypt.crypto.keyfiles import read_key_file, write_key_pair
 from fedcrypt.crypto.paillier import FixedPoint, PaillierError, PrivateKey, PublicKey
@@ -60,10 +68,20 @@ class PaillierMechanism(OneShotMechanism[list[mpz]]):
         if self._private is None:
             raise RecoveryError("cannot decrypt: this party holds no Paillier private key")
         try:
-            ciphertexts = self._parse(aggregate, ctx)
+            first, last = piece_rows(aggregate, ctx.vector_size)
+            ciphertexts = self._parse(aggregate, last - first)
             return self.encoding.decode(self._private.decrypt(ciphertexts)).astype(np.float32)
-        except PaillierError as exc:
+        except (PaillierError, ValueError) as exc:
             raise RecoveryError(str(exc)) from None
+
+    def split(self, aggregate: Payload, ctx: RoundContext, pieces: int) -> list[AggregatePiece]:
+        ciphertexts = aggregate.arrays.get("c")
+        if ciphertexts is None or ciphertexts.shape[0] != ctx.vector_size:
+            return super().split(aggregate, ctx, pieces)  # the key holder reports what is wrong
+        return [
+            AggregatePiece(first, last, Payload({**aggregate.meta, "rows": [first, last]}, {"c": ciphertexts[first:last]}))
+            for first, last in row_ranges(ctx.vector_size, pieces)
+        ]
 
     # --- server ----------------------------------------------------------------------------
 
@@ -72,22 +90,22 @@ class PaillierMechanism(OneShotMechanism[list[mpz]]):
 
     def fold_one(self, accumulator: list[mpz], payload: Payload, ctx: RoundContext) -> list[mpz]:
         try:
-            ciphertexts = self._parse(payload, ctx)  # validates every ciphertext before any addition
+            ciphertexts = self._parse(payload, ctx.vector_size)  # validates every ciphertext before any addition
         except PaillierError as exc:
             raise PayloadRejected(str(exc)) from None
-        nsquare = self.public.nsquare
-        return [gmpy2.f_mod(total * c, nsquare) for total, c in zip(accumulator, ciphertexts)]
+        modulus = self.public.modulus
+        return [gmpy2.f_mod(total * c, modulus) for total, c in zip(accumulator, ciphertexts)]
 
     def to_payload(self, accumulator: list[mpz], ctx: RoundContext) -> Payload:
         return Payload(meta={"fingerprint": self.public.fingerprint}, arrays={"c": self.public.to_array(accumulator)})
 
-    def _parse(self, payload: Payload, ctx: RoundContext) -> list[mpz]:
+    def _parse(self, payload: Payload, count: int) -> list[mpz]:
         if payload.meta.get("fingerprint") != self.public.fingerprint:
             raise PaillierError("ciphertexts under another key (fingerprint mismatch)")
         array = payload.arrays.get("c")
         width = self.public.ciphertext_bytes
-        if array is None or array.shape != (ctx.vector_size, width):
-            raise PaillierError(f"expected {ctx.vector_size} ciphertexts of {width} bytes")
+        if array is None or array.shape != (count, width):
+            raise PaillierError(f"expected {count} ciphertexts of {width} bytes")
         return self.public.from_array(np.asarray(array))
 
 
