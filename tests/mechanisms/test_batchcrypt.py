@@ -206,8 +206,24 @@ def test_roles_and_key_files(keys, tmp_path: Path) -> None:  # type: ignore[no-u
         server.recover(Payload(), CTX)
 
 
-def test_precomputed_randomness_is_consumed_once(keys) -> None:  # type: ignore[no-untyped-def]
+def test_randomness_computed_while_waiting_is_used_by_the_protect_stage(keys) -> None:  # type: ignore[no-untyped-def]
     server_side, client_side = _pair(keys)
+    vectors = _vectors(2)
+    aggregator, protectors = _round(server_side, client_side, vectors)  # each stats reply starts its randomness
+    most = client_side.layout(len(NAMES)).plaintexts(SIZE)
+    for protector in protectors.values():
+        protector._randomness.join()  # type: ignore[attr-defined]
+        assert len(protector._ready) == most  # type: ignore[attr-defined]
+    assert client_side._obfuscators == []
+    _protect_all(aggregator, protectors, vectors)
+    needed = client_side.layout(2).plaintexts(SIZE)
+    assert needed < most and len(client_side._obfuscators) == 2 * (most - needed)  # the unused go back to the pool
+    assert np.isfinite(client_side.recover(aggregator.finish(), CTX)).all()
+
+
+def test_precomputed_randomness_is_consumed_once(keys) -> None:  # type: ignore[no-untyped-def]
+    server_side, _ = _pair(keys)
+    client_side = BatchCryptMechanism(*keys, tensor_sizes=TENSORS, background_randomness=False)
     vectors = _vectors(1)
     client_side.precompute(3)
     pool = list(client_side._obfuscators)

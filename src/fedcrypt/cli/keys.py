@@ -45,7 +45,8 @@ def paillier(
     out: Annotated[Path, typer.Option(help="Folder for paillier.public.json and paillier.secret.json.", show_default=False)],
     bits: Annotated[int, typer.Option(help="Key size: 1024, 2048, 3072 or 4096 bits.")] = DEFAULT_BITS,
 ) -> None:
-    """Create a Paillier key: the secret file (0600) goes to every client, the public file to the server."""
+    """Create a Paillier key (for `paillier` and `batchcrypt`): the secret file (0600) goes to every
+    client, the public file to the server."""
     with _user_errors():
         if bits not in (1024, 2048, 3072, 4096):
             raise ValueError(f"--bits must be 1024, 2048, 3072 or 4096, got {bits}")

@@ -54,6 +54,7 @@ _PARALLEL_MIN_OBFUSCATORS = 256
 _LOCAL_SHARE_WEIGHT = 1.3
 
 log = logging.getLogger(__name__)
+_TABLE_LOCK = threading.Lock()
 
 
 class PaillierError(ValueError):
@@ -125,16 +126,19 @@ class PublicKey:
         """``table[i][j] = h_s^(j * 2^(w i)) mod n^(s+1)`` for the short exponent's windows, where
         ``h_s = h^(n^(s-1))`` is the DJN base of level ``s`` (``(-x^2)^(n^s)``, since lifting
         ``h = (-x^2)^n mod n^2`` to the ``n^(s-1)``-th power fixes it modulo ``n^(s+1)``)."""
-        if not self._table:
-            windows = -(-self.bits // 2 // _WINDOW)
-            modulus = self.modulus
-            base = gmpy2.powmod(self.h, self.n ** (self.s - 1), modulus)
-            for _ in range(windows):
-                row = [mpz(1), base]
-                for _ in range(2, 1 << _WINDOW):
-                    row.append(gmpy2.f_mod(row[-1] * base, modulus))
-                self._table.append(row)
-                base = gmpy2.f_mod(row[-1] * base, modulus)
+        with _TABLE_LOCK:  # threads may encrypt under one key; build the table once
+            if not self._table:
+                windows = -(-self.bits // 2 // _WINDOW)
+                modulus = self.modulus
+                base = gmpy2.powmod(self.h, self.n ** (self.s - 1), modulus)
+                rows = []
+                for _ in range(windows):
+                    row = [mpz(1), base]
+                    for _ in range(2, 1 << _WINDOW):
+                        row.append(gmpy2.f_mod(row[-1] * base, modulus))
+                    rows.append(row)
+                    base = gmpy2.f_mod(row[-1] * base, modulus)
+                self._table.extend(rows)
         return self._table
 
     def obfuscator(self, exponent: int | None = None) -> mpz:
@@ -284,7 +288,8 @@ class _ObfuscatorJob:
         if self._process is not None:
             returncode = self._process.wait()
             if returncode == 0 and len(self._data) == width * count:
-                out = [mpz(int.from_bytes(self._data[i : i + width], "little")) for i in range(0, len(self._data), width)]
+                data = self._data
+                out = [mpz(int.from_bytes(data[i : i + width], "little")) for i in range(0, len(data), width)]
                 if all(0 < value < self._public.modulus for value in out):
                     return out
             log.warning("a Paillier worker process failed (exit %s); redoing its share here", returncode)

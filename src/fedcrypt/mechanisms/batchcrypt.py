@@ -11,6 +11,8 @@ Two stages per round:
    per plaintext and encrypt under Damgard-Jurik level 2 of the job's Paillier key (plaintexts
    of ``2 |n|`` bits in ciphertexts of ``3 |n|`` bits: about 4 bytes per value at 16 bits and
    2048-bit keys, 10 clients). The server multiplies ciphertexts with the public key only.
+   The encryption randomness is computed in the background while the client waits for the
+   server's plan (all cores), so answering ``protect`` is one multiplication per ciphertext.
 
 A key-holding client decrypts the aggregate, unpacks it (reporting any slot whose two sign bits
 show overflow) and un-quantizes with the thresholds the aggregate carries. The server learns the
@@ -19,6 +21,7 @@ per-tensor min/max of every client and the sum, never a single update.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -55,6 +58,8 @@ class BatchCryptMechanism(Mechanism):
 
     ``tensor_sizes`` splits the contribution into tensors with a clipping threshold each (the
     trailing weight entry always gets its own); without it the parameters share one threshold.
+    ``background_randomness`` computes a round's encryption randomness while the client waits
+    for the server's plan; ``max_abs`` is the largest min/max a client may report.
     """
 
     name: ClassVar[str] = "batchcrypt"
@@ -68,6 +73,7 @@ class BatchCryptMechanism(Mechanism):
         bits: int = 16,
         tensor_sizes: Sequence[int] | None = None,
         max_abs: float = DEFAULT_MAX_ABS,
+        background_randomness: bool = True,
     ) -> None:
         if private is not None and private.public.n != public.n:
             raise PaillierError("the private key does not belong to this public key")
@@ -79,6 +85,8 @@ class BatchCryptMechanism(Mechanism):
         self.max_abs = max_abs
         self._tensor_sizes = tuple(int(size) for size in tensor_sizes) if tensor_sizes else None
         self._obfuscators: list[mpz] = []
+        self._pool_lock = threading.Lock()
+        self.background_randomness = background_randomness
 
     def segments(self, vector_size: int) -> np.ndarray:
         """Sizes of the contribution's segments, each with its own clipping threshold."""
@@ -96,12 +104,20 @@ class BatchCryptMechanism(Mechanism):
     def precompute(self, count: int) -> None:
         """Compute ``count`` encryption obfuscators now (e.g. between rounds), so that encrypting
         later costs one multiplication per ciphertext."""
-        self._obfuscators.extend(self.public.obfuscators(count))
+        fresh = self.public.obfuscators(count)
+        with self._pool_lock:
+            self._obfuscators.extend(fresh)
 
     def _take_obfuscators(self, count: int) -> list[mpz]:
-        taken = self._obfuscators[:count]
-        del self._obfuscators[:count]
+        """``count`` unused obfuscators: from the pool first, the rest computed now."""
+        with self._pool_lock:
+            taken = self._obfuscators[:count]
+            del self._obfuscators[:count]
         return taken + self.public.obfuscators(count - len(taken))
+
+    def _return_obfuscators(self, unused: list[mpz]) -> None:
+        with self._pool_lock:
+            self._obfuscators.extend(unused)
 
     # --- roles --------------------------------------------------------------------------------
 
@@ -280,6 +296,26 @@ class _Protector(ClientProtector):
         self._mechanism = mechanism
         self._ctx = ctx
         self._done = False
+        self._randomness: threading.Thread | None = None
+        self._ready: list[mpz] = []
+
+    def _start_randomness(self, count: int) -> None:
+        """Compute this round's encryption randomness while the client waits for the plan."""
+
+        def compute() -> None:
+            self._ready = self._mechanism._take_obfuscators(count)
+
+        self._randomness = threading.Thread(target=compute, name="batchcrypt-randomness", daemon=True)
+        self._randomness.start()
+
+    def _randomness_for(self, count: int) -> list[mpz]:
+        if self._randomness is not None:
+            self._randomness.join()
+            self._randomness = None
+        ready, self._ready = self._ready, []
+        if len(ready) > count:
+            self._mechanism._return_obfuscators(ready[count:])
+        return ready[:count] + self._mechanism._take_obfuscators(max(count - len(ready), 0))
 
     @property
     def done(self) -> bool:
@@ -295,6 +331,9 @@ class _Protector(ClientProtector):
             ranges = np.stack(
                 [np.minimum.reduceat(contribution, starts), np.maximum.reduceat(contribution, starts)], axis=1
             ).astype(np.float64)
+            if mechanism.background_randomness:  # fewer clients pack more per plaintext: an upper bound
+                most = mechanism.layout(max(len(self._ctx.participants), 1)).plaintexts(contribution.shape[0])
+                self._start_randomness(most)
             return Payload(meta={"fingerprint": mechanism.public.fingerprint}, arrays={"range": ranges})
         if stage != PROTECT_STAGE:
             raise ValueError(f"mechanism 'batchcrypt' has no stage {stage!r}")
@@ -303,7 +342,7 @@ class _Protector(ClientProtector):
         quantized = quantize(contribution, np.repeat(alphas, sizes), mechanism.bits)
         modulus = mechanism.public.plaintext_modulus
         plaintexts = [value % modulus for value in layout.pack(quantized)]
-        ciphertexts = mechanism.public.encrypt(plaintexts, mechanism._take_obfuscators(len(plaintexts)))
+        ciphertexts = mechanism.public.encrypt(plaintexts, self._randomness_for(len(plaintexts)))
         self._done = True
         return Payload(
             meta={"fingerprint": mechanism.public.fingerprint}, arrays={"c": mechanism.public.to_array(ciphertexts)}
