@@ -6,7 +6,7 @@ keys (default 2048), one process each:
 * ``phe``: ``EncryptedNumber`` encryption of floats (its own encoding), summing with ``+``,
   decryption; its randomness ``r^n`` is a full 2048-bit exponentiation per value. It encrypts
   one update (timed); the server sum adds that update ``--updates`` times (same cost);
-* fedcrypt ``paillier``: the mechanism's ``protect`` (fixed-point encoding, DJN fixed-base
+* fedcrypt ``paillier``: the mechanism's ``protect`` (fixed-point encoding, DJN fixed-base, all cores
   randomness), ``fold`` through the real wire encoding, ``recover``; plus the core's time per
   value to precompute randomness offline and to encrypt online with it.
 

@@ -61,7 +61,8 @@ class PaillierMechanism(OneShotMechanism[list[mpz]]):
         worst = peak * max(len(ctx.participants), 1)
         if not np.isfinite(peak) or worst > self.encoding.max_value:
             raise ValueError(f"contribution values up to {peak:.3g} could sum beyond the encoding's range")
-        ciphertexts = self.public.encrypt(self.encoding.encode(contribution))
+        encoded = self.encoding.encode(contribution)
+        ciphertexts = self.public.encrypt(encoded, self.public.obfuscators(len(encoded)))  # on all cores
         return Payload(meta={"fingerprint": self.public.fingerprint}, arrays={"c": self.public.to_array(ciphertexts)})
 
     def recover(self, aggregate: Payload, ctx: RoundContext) -> np.ndarray:
