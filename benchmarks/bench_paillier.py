@@ -1,14 +1,14 @@
 """Paillier aggregation, per value and BatchCrypt-packed: fedcrypt against python-paillier, one run.
 
 For ``--values`` values (default 2,000) and ``--updates`` clients (default 10), with ``--bits``
-keys (default 2048), one process each:
+keys (default 2048):
 
-* ``phe``: ``EncryptedNumber`` encryption of floats (its own encoding), summing with ``+``,
-  decryption; its randomness ``r^n`` is a full 2048-bit exponentiation per value. It encrypts
+* ``phe`` (one core; it has no parallelism): ``EncryptedNumber`` encryption of floats (its own
+  encoding), summing with ``+``, decryption; its randomness ``r^n`` is a full 2048-bit exponentiation per value. It encrypts
   one update (timed); the server sum adds that update ``--updates`` times (same cost);
-* fedcrypt ``paillier``: the mechanism's ``protect`` (fixed-point encoding, DJN fixed-base, all cores
-  randomness), ``fold`` through the real wire encoding, ``recover``; plus the core's time per
-  value to precompute randomness offline and to encrypt online with it.
+* fedcrypt ``paillier``: the mechanism's ``protect`` (fixed-point encoding, DJN fixed-base
+  randomness on all cores), ``fold`` through the real wire encoding, ``recover`` (all cores);
+  plus the core's time per value to precompute randomness offline and to encrypt online with it.
 
 Times per 1M values are extrapolated linearly from the measured values (per-value encryption
 is hopeless at 1M: the point of the table), and said so.
