@@ -298,3 +298,46 @@ def test_key_holders_decrypt_pieces_in_parallel_and_a_failed_piece_goes_to_anoth
     assert record.status == "ok" and "key store locked" in record.failures["b"]
     assert sum(decrypted.values()) == size and set(decrypted) == {"a", "c"}  # b's piece went to a survivor
     np.testing.assert_allclose(rerun, honest, atol=1e-6)
+
+
+def test_secagg_simulation_equals_plaintext_fedavg_and_survives_a_dropout() -> None:
+    from fedcrypt.mechanisms import SecAggMechanism
+
+    job = fedcrypt.load_job(QUICKSTART).with_overrides(job={"rounds": 2}, model={"name": "logreg"})
+    plain = fedcrypt.simulate(job)
+    masked = fedcrypt.simulate(job.with_overrides(privacy={"mechanism": "secagg", "neighbors": 4}))
+    assert all(r.status == "ok" and r.succeeded == 10 for r in masked.history)
+    assert masked.history[0].mechanism["secagg_neighbors"] == 4
+    np.testing.assert_allclose(masked.params, plain.params, atol=1e-6)  # fixed point at 2^-24
+
+    small = load_job(QUICKSTART).with_overrides(job={"rounds": 1}, data={"num_clients": 4}, strategy={"min_fit_clients": 2})
+    dataset = load_dataset("digits")
+    trainer = build_trainer(small, dataset)
+    x, y = train_tensors(dataset)
+
+    class Vanishing(SecAggMechanism):  # shares its secrets, then never sends its masked vector
+        def client_round(self, ctx, client, local=None):  # type: ignore[no-untyped-def]
+            protector = super().client_round(ctx, client, local)
+            respond = protector.respond
+
+            def vanish(stage, request, contribution):  # type: ignore[no-untyped-def]
+                if stage == "mask":
+                    raise RuntimeError("connection lost")
+                return respond(stage, request, contribution)
+
+            protector.respond = vanish  # type: ignore[method-assign]
+            return protector
+
+    mechanism = SecAggMechanism()
+    clients = {
+        name: Client(name, small.job.name, trainer, ClientData(x, y, torch.from_numpy(part)),
+                     Vanishing() if name == "d" else mechanism)
+        for name, part in zip("abcd", partition_clients(small, dataset))
+    }
+    before = trainer.initial_params().copy()
+    server = Server(job=small.job.name, strategy=FedAvg(min_fit_clients=2), mechanism=mechanism, params=before,
+                    transport=InProcessTransport(clients))
+    record = server.run_round(1)
+    assert record.status == "ok" and "connection lost" in record.failures["d"]
+    assert record.mechanism["secagg_dropped_after_sharing"] == 1  # its pairwise masks were removed
+    assert np.isfinite(server.params).all() and np.abs(server.params - before).max() < 5

@@ -90,8 +90,7 @@ def serve(
             job.privacy.mechanism,
             key_dir=_key_dir(key_dir, job),
             spec=trainer.spec,
-            selection=job.privacy.selection,
-            bits=job.privacy.bits,
+            options=job.privacy.options,
         ),
         params=trainer.initial_params(),
         transport=transport,
@@ -202,8 +201,7 @@ def join(
             job.privacy.mechanism,
             key_dir=_key_dir(key_dir, job),
             spec=trainer.spec,
-            selection=job.privacy.selection,
-            bits=job.privacy.bits,
+            options=job.privacy.options,
         )
         client = Client(
             name,

@@ -136,13 +136,7 @@ def _build(config: JobConfig, dataset: Dataset, trainer: LocalTrainer) -> Server
     privacy = config.privacy
     key_dir = Path(privacy.keys) if privacy.keys else None
     server_side, client_side = simulation_mechanisms(
-        privacy.mechanism,
-        preset=privacy.preset,
-        key_dir=key_dir,
-        spec=trainer.spec,
-        selection=privacy.selection,
-        paillier_bits=privacy.paillier_bits,
-        bits=privacy.bits,
+        privacy.mechanism, key_dir=key_dir, spec=trainer.spec, options=privacy.options
     )
     clients = {
         name: Client(

@@ -60,6 +60,8 @@ def test_quickstart_runs_end_to_end_and_writes_the_run_directory(tmp_path: Path)
         ('[privacy]\nmechanism = "batchcrypt"\nbits = 1\n', "privacy.bits"),
         ('[privacy]\nmechanism = "ckks"\nbits = 8\n', "bits applies to mechanism = \"batchcrypt\" only"),
         ('[privacy]\nmechanism = "batchcrypt"\nkeys = "/nonexistent"\n', "cannot read /nonexistent/paillier.public.json"),
+        ('[privacy]\nmechanism = "secagg"\nthreshold = 0.3\n', "privacy.threshold"),
+        ('[privacy]\nmechanism = "none"\nneighbors = 4\n', "neighbors and threshold apply to mechanism = \"secagg\" only"),
     ],
 )
 def test_user_errors_print_one_line_and_exit_2(tmp_path: Path, content: str, message: str) -> None:

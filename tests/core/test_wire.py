@@ -37,6 +37,7 @@ def _fit_ins() -> FitIns:
         FitRes(2, 40, {"train_loss": 0.5}, Payload(arrays={"vector": np.ones(5, dtype=np.float32)})),
         StageIns(4, "unmask", Payload({"dropped": ["c"]})),
         StageRes(4, "unmask", Payload(arrays={"shares": np.arange(4, dtype=np.uint64)}), 0.25),
+        StageRes(4, "unmask", Payload({"dropped": []}, {"s": np.zeros((0, 33), dtype=np.uint8)})),  # empty, 2-D
         ErrorReply(7, "no"),
         Shutdown(9),
     ],

@@ -12,7 +12,7 @@ from fedcrypt.core.mechanism import PayloadRejected, RecoveryError, RoundContext
 from fedcrypt.core.messages import FitRes, Payload, from_bytes, to_bytes
 from fedcrypt.crypto.batching import levels
 from fedcrypt.crypto.paillier import generate_keypair
-from fedcrypt.mechanisms import BatchCryptMechanism, client_mechanism, server_mechanism
+from fedcrypt.mechanisms import BatchCryptMechanism, Options, client_mechanism, server_mechanism
 from fedcrypt.mechanisms.batchcrypt import PROTECT_STAGE, STATS_STAGE
 from fedcrypt.mechanisms.paillier import write_keys
 
@@ -196,8 +196,8 @@ def test_clients_refuse_a_plan_they_cannot_trust(keys) -> None:  # type: ignore[
 
 def test_roles_and_key_files(keys, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     write_keys(tmp_path, keys[1])
-    server = server_mechanism("batchcrypt", key_dir=tmp_path, bits=8)
-    client = client_mechanism("batchcrypt", key_dir=tmp_path, bits=8)
+    server = server_mechanism("batchcrypt", key_dir=tmp_path, options=Options(bits=8))
+    client = client_mechanism("batchcrypt", key_dir=tmp_path, options=Options(bits=8))
     assert isinstance(server, BatchCryptMechanism) and server._private is None and server.bits == 8
     assert isinstance(client, BatchCryptMechanism) and client._private is not None
     with pytest.raises(ValueError, match="no Paillier private key"):

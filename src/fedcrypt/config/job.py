@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fedcrypt.data import DATASETS, PARTITION_METHODS
 from fedcrypt.crypto.ckks import PRESETS
-from fedcrypt.mechanisms import MECHANISMS, Selection
+from fedcrypt.mechanisms import MECHANISMS, Options, Selection
 from fedcrypt.models.zoo import MODELS
 
 
@@ -106,6 +106,12 @@ class PrivacySection(_Section):
         2048, description="paillier, batchcrypt: key size of the fresh key a simulation without `keys` makes"
     )
     bits: int = Field(16, ge=2, le=32, description="batchcrypt: quantization bits per value")
+    neighbors: int | None = Field(
+        None, ge=2, description="secagg: neighbours per client (default ~3 log2 n; n - 1 or more: classic SecAgg)"
+    )
+    threshold: float = Field(
+        0.5, ge=0.5, lt=1, description="secagg: fraction of a client's neighbours whose shares reconstruct its secrets"
+    )
     encrypt_ratio: float = Field(
         1.0, gt=0, le=1, description="ckks: encrypt the most privacy-sensitive fraction of parameters (1 = all)"
     )
@@ -123,13 +129,22 @@ class PrivacySection(_Section):
             raise ValueError("encrypt_ratio and encrypt_layers apply to mechanism = \"ckks\" only")
         if self.bits != 16 and self.mechanism != "batchcrypt":
             raise ValueError("bits applies to mechanism = \"batchcrypt\" only")
+        if (self.neighbors is not None or self.threshold != 0.5) and self.mechanism != "secagg":
+            raise ValueError("neighbors and threshold apply to mechanism = \"secagg\" only")
         if self.encrypt_ratio != 1.0 and self.encrypt_layers:
             raise ValueError("set either encrypt_ratio or encrypt_layers, not both")
         return self
 
     @property
-    def selection(self) -> Selection:
-        return Selection(self.encrypt_ratio, tuple(self.encrypt_layers))
+    def options(self) -> Options:
+        return Options(
+            preset=self.preset,
+            selection=Selection(self.encrypt_ratio, tuple(self.encrypt_layers)),
+            paillier_bits=self.paillier_bits,
+            bits=self.bits,
+            neighbors=self.neighbors,
+            threshold=self.threshold,
+        )
 
 
 class DeploySection(_Section):

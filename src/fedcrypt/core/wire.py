@@ -148,7 +148,7 @@ def encode_parts(envelope: Envelope) -> list[memoryview]:
         if dtype not in ALLOWED_DTYPES:
             raise WireError(f"blob {name!r} has unsupported dtype {dtype}")
         blob_index.append([name, dtype, list(array.shape)])
-        buffers.append(memoryview(array).cast("B"))
+        buffers.append(memoryview(array.reshape(-1)).cast("B"))  # flat: empty arrays of any shape too
     header = json.dumps(
         {
             "type": envelope.type,

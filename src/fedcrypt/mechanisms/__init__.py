@@ -17,10 +17,15 @@ from fedcrypt.mechanisms.batchcrypt import BatchCryptMechanism
 from fedcrypt.mechanisms.ckks import CkksMechanism, load_public, load_secret
 from fedcrypt.mechanisms.paillier import PaillierMechanism
 from fedcrypt.mechanisms.plaintext import PlaintextMechanism
+from fedcrypt.mechanisms.secagg import SecAggMechanism
 from fedcrypt.mechanisms.selective import SelectiveCkksMechanism
 
 MECHANISMS: tuple[str, ...] = (
-    PlaintextMechanism.name, CkksMechanism.name, PaillierMechanism.name, BatchCryptMechanism.name
+    PlaintextMechanism.name,
+    CkksMechanism.name,
+    PaillierMechanism.name,
+    BatchCryptMechanism.name,
+    SecAggMechanism.name,
 )
 
 
@@ -55,92 +60,106 @@ def _ckks(public: PublicParams, secret: SecretKey | None, spec: ParamSpec | None
     )
 
 
+@dataclass(frozen=True)
+class Options:
+    """A job's mechanism settings (its ``[privacy]`` section); each mechanism reads its own."""
+
+    preset: str = "fast"
+    selection: Selection = Selection()
+    paillier_bits: int = 2048
+    bits: int = 16
+    neighbors: int | None = None
+    threshold: float = 0.5
+
+
 def _paillier(
-    name: str, public: PublicKey, private: PrivateKey | None, spec: ParamSpec | None, bits: int
+    name: str, public: PublicKey, private: PrivateKey | None, spec: ParamSpec | None, options: Options
 ) -> Mechanism:
     if name == PaillierMechanism.name:
         return PaillierMechanism(public, private)
     sizes = [tensor.numel for tensor in spec.tensors] if spec is not None else None
-    return BatchCryptMechanism(public, private, bits=bits, tensor_sizes=sizes)
+    return BatchCryptMechanism(public, private, bits=options.bits, tensor_sizes=sizes)
 
 
-def build_mechanism(name: str) -> Mechanism:
+def _keyless(name: str, options: Options) -> Mechanism | None:
+    """The mechanism if it needs no keys (the same instance serves server and clients)."""
+    if name == PlaintextMechanism.name:
+        return PlaintextMechanism()
+    if name == SecAggMechanism.name:
+        return SecAggMechanism(options.neighbors, options.threshold)
+    return None
+
+
+def build_mechanism(name: str, options: Options = Options()) -> Mechanism:
     """A mechanism that needs no keys."""
     _check(name)
-    if name != PlaintextMechanism.name:
+    mechanism = _keyless(name, options)
+    if mechanism is None:
         raise ValueError(f"mechanism {name!r} needs keys: use server_mechanism / client_mechanism")
-    return PlaintextMechanism()
+    return mechanism
 
 
 def simulation_mechanisms(
-    name: str,
-    *,
-    preset: str,
-    key_dir: Path | None,
-    spec: ParamSpec | None = None,
-    selection: Selection = Selection(),
-    paillier_bits: int = 2048,
-    bits: int = 16,
+    name: str, *, key_dir: Path | None, spec: ParamSpec | None = None, options: Options = Options()
 ) -> tuple[Mechanism, Mechanism]:
     """(server's instance, clients' instance) for one process. Without ``key_dir`` an HE
     mechanism gets a fresh key for this run; the server's instance still holds no secret."""
     _check(name)
-    if name == PlaintextMechanism.name:
-        mechanism = PlaintextMechanism()
-        return mechanism, mechanism
+    keyless = _keyless(name, options)
+    if keyless is not None:
+        return keyless, keyless
     if name in _PAILLIER_FAMILY:
-        private = paillier_keys.load_secret(key_dir) if key_dir is not None else generate_keypair(paillier_bits)[1]
-        return _paillier(name, private.public, None, spec, bits), _paillier(name, private.public, private, spec, bits)
-    secret = load_secret(key_dir) if key_dir is not None else SecretKey(PRESETS[preset])
-    return _ckks(secret.public, None, spec, selection), _ckks(secret.public, secret, spec, selection)
+        private = (
+            paillier_keys.load_secret(key_dir) if key_dir is not None else generate_keypair(options.paillier_bits)[1]
+        )
+        return (
+            _paillier(name, private.public, None, spec, options),
+            _paillier(name, private.public, private, spec, options),
+        )
+    secret = load_secret(key_dir) if key_dir is not None else SecretKey(PRESETS[options.preset])
+    return _ckks(secret.public, None, spec, options.selection), _ckks(secret.public, secret, spec, options.selection)
 
 
 def server_mechanism(
-    name: str,
-    *,
-    key_dir: Path | None,
-    spec: ParamSpec | None = None,
-    selection: Selection = Selection(),
-    bits: int = 16,
+    name: str, *, key_dir: Path | None, spec: ParamSpec | None = None, options: Options = Options()
 ) -> Mechanism:
     """The deployed server's instance: public parameters only."""
     _check(name)
-    if name == PlaintextMechanism.name:
-        return PlaintextMechanism()
+    keyless = _keyless(name, options)
+    if keyless is not None:
+        return keyless
     if key_dir is None:
         raise ValueError(f"mechanism {name!r} needs --keys DIR with the key authority's public file")
     if name in _PAILLIER_FAMILY:
-        return _paillier(name, paillier_keys.load_public(key_dir), None, spec, bits)
-    return _ckks(load_public(key_dir), None, spec, selection)
+        return _paillier(name, paillier_keys.load_public(key_dir), None, spec, options)
+    return _ckks(load_public(key_dir), None, spec, options.selection)
 
 
 def client_mechanism(
-    name: str,
-    *,
-    key_dir: Path | None,
-    spec: ParamSpec | None = None,
-    selection: Selection = Selection(),
-    bits: int = 16,
+    name: str, *, key_dir: Path | None, spec: ParamSpec | None = None, options: Options = Options()
 ) -> Mechanism:
     """A deployed client's instance, with the secret key."""
     _check(name)
-    if name == PlaintextMechanism.name:
-        return PlaintextMechanism()
+    keyless = _keyless(name, options)
+    if keyless is not None:
+        return keyless
     if key_dir is None:
         raise ValueError(f"mechanism {name!r} needs --keys DIR with the key authority's secret file")
     if name in _PAILLIER_FAMILY:
         private = paillier_keys.load_secret(key_dir)
-        return _paillier(name, private.public, private, spec, bits)
+        return _paillier(name, private.public, private, spec, options)
     secret = load_secret(key_dir)
-    return _ckks(secret.public, secret, spec, selection)
+    return _ckks(secret.public, secret, spec, options.selection)
 
 
 __all__ = [
     "MECHANISMS",
     "BatchCryptMechanism",
     "CkksMechanism",
+    "Options",
     "PaillierMechanism",
     "PlaintextMechanism",
+    "SecAggMechanism",
     "Selection",
     "SelectiveCkksMechanism",
     "build_mechanism",
