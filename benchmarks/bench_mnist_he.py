@@ -1,8 +1,8 @@
-"""MNIST FedAvg with plaintext, CKKS, selective CKKS and BatchCrypt updates: accuracy and cost, one run.
+"""MNIST FedAvg with plaintext, CKKS, selective CKKS, BatchCrypt and SecAgg+ updates: accuracy and cost.
 
 Runs ``examples/mnist.toml``, ``examples/mnist_ckks.toml``, ``examples/mnist_ckks_selective.toml``
-and ``examples/mnist_batchcrypt.toml`` at 16 and 8 bits (the same data split, model, seeds and
-rounds) in simulation and reports final accuracy, its
+``examples/mnist_batchcrypt.toml`` at 16 and 8 bits and ``examples/mnist_secagg.toml`` (the same
+data split, model, seeds and rounds) in simulation and reports final accuracy, its
 difference to plaintext FedAvg, bytes uploaded and the time split per phase. Needs the MNIST IDX
 files (``FEDCRYPT_DATA``).
 """
@@ -25,6 +25,7 @@ JOBS: dict[str, tuple[str, dict[str, Any]]] = {
     "ckks 10 %": ("mnist_ckks_selective.toml", {}),
     "batchcrypt 16 bits": ("mnist_batchcrypt.toml", {}),
     "batchcrypt 8 bits": ("mnist_batchcrypt.toml", {"bits": 8}),
+    "secagg": ("mnist_secagg.toml", {}),
 }
 
 
