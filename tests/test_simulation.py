@@ -341,3 +341,20 @@ def test_secagg_simulation_equals_plaintext_fedavg_and_survives_a_dropout() -> N
     assert record.status == "ok" and "connection lost" in record.failures["d"]
     assert record.mechanism["secagg_dropped_after_sharing"] == 1  # its pairwise masks were removed
     assert np.isfinite(server.params).all() and np.abs(server.params - before).max() < 5
+
+
+def test_a_dp_job_reports_epsilon_per_round_and_stops_when_its_budget_is_spent(tmp_path: Path) -> None:
+    job = fedcrypt.load_job(QUICKSTART).with_overrides(
+        job={"rounds": 8},
+        model={"name": "logreg"},
+        strategy={"weighting": "uniform", "fraction_fit": 0.5, "min_fit_clients": 4},
+        privacy={"mechanism": "secagg"},
+        dp={"noise": "distributed", "clip_norm": 0.5, "noise_multiplier": 0.8, "target_epsilon": 12.0},
+    )
+    result = fedcrypt.simulate(job, out_dir=tmp_path / "run")
+    assert "privacy budget spent" in result.stopped and 0 < len(result.history) < 8
+    epsilons = [r.mechanism["dp_epsilon"] for r in result.history]
+    assert epsilons == sorted(epsilons) and epsilons[-1] <= 12.0
+    assert all(r.status == "ok" for r in result.history)
+    again = fedcrypt.load_job(tmp_path / "run" / "job.toml")  # the run's resolved job keeps its [dp] section
+    assert again.dp == job.dp

@@ -21,6 +21,7 @@ import torch
 
 from fedcrypt.config.job import JobConfig, parse_job
 from fedcrypt.core.client import Client
+from fedcrypt.core.mechanism import BudgetSpent
 from fedcrypt.core.messages import JobSpec, from_bytes, to_bytes
 from fedcrypt.core.params import unflatten
 from fedcrypt.core.server import SERVER_NAME, RoundRecord, Server
@@ -29,7 +30,14 @@ from fedcrypt.core.wire import SpooledMessage, WireError
 from fedcrypt.data import load_dataset
 from fedcrypt.mechanisms import client_mechanism, server_mechanism
 from fedcrypt.models.training import ClientData
-from fedcrypt.simulation import build_strategy, build_trainer, evaluation_data, partition_clients, train_tensors
+from fedcrypt.simulation import (
+    build_strategy,
+    build_trainer,
+    evaluation_data,
+    partition_clients,
+    train_tensors,
+    with_dp,
+)
 from fedcrypt.tracking.checkpoint import Checkpoint, job_digest, load_checkpoint, save_checkpoint
 from fedcrypt.tracking.rundir import RunDirectory
 from fedcrypt.transport.certs import TlsFiles
@@ -47,6 +55,7 @@ class DeploymentError(Exception):
 class ServeResult:
     history: list[RoundRecord]
     resumed_from: int
+    stopped: str = ""  # why the job ended before its last round (e.g. its DP budget was spent)
 
 
 def serve(
@@ -86,11 +95,11 @@ def serve(
     server = Server(
         job=job.job.name,
         strategy=build_strategy(job),
-        mechanism=server_mechanism(
-            job.privacy.mechanism,
-            key_dir=_key_dir(key_dir, job),
-            spec=trainer.spec,
-            options=job.privacy.options,
+        mechanism=with_dp(
+            server_mechanism(
+                job.privacy.mechanism, key_dir=_key_dir(key_dir, job), spec=trainer.spec, options=job.privacy.options
+            ),
+            job,
         ),
         params=trainer.initial_params(),
         transport=transport,
@@ -116,8 +125,14 @@ def serve(
         wanted = deploy.min_clients or job.strategy.min_fit_clients
         connected = transport.wait_for_clients(wanted, deploy.wait_timeout)
         log.info("%d clients connected: %s", len(connected), ", ".join(connected))
+        stopped = ""
         for server_round in range(start, job.job.rounds + 1):
-            record = _round_with_retries(server, transport, server_round, job, deploy.max_retries)
+            try:
+                record = _round_with_retries(server, transport, server_round, job, deploy.max_retries)
+            except BudgetSpent as exc:
+                stopped = str(exc)
+                log.warning("stopping: %s", exc)
+                break
             run_dir.append_round(record)
             save_checkpoint(run_dir.checkpoint_path, Checkpoint(server_round, *server.snapshot(), digest))
             history.append(record)
@@ -127,7 +142,7 @@ def serve(
     finally:
         transport.close()
     run_dir.write_model(unflatten(server.params, trainer.spec))
-    return ServeResult(history, start - 1)
+    return ServeResult(history, start - 1, stopped)
 
 
 def limit_allocator_fragmentation() -> None:
@@ -197,11 +212,11 @@ def join(
             raise DeploymentError(f"--partition must be in 0..{len(parts) - 1} for this job, got {partition}")
         x, y = train_tensors(dataset)
         trainer = build_trainer(job, dataset)
-        mechanism = client_mechanism(
-            job.privacy.mechanism,
-            key_dir=_key_dir(key_dir, job),
-            spec=trainer.spec,
-            options=job.privacy.options,
+        mechanism = with_dp(
+            client_mechanism(
+                job.privacy.mechanism, key_dir=_key_dir(key_dir, job), spec=trainer.spec, options=job.privacy.options
+            ),
+            job,
         )
         client = Client(
             name,

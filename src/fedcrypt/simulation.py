@@ -17,7 +17,9 @@ from fedcrypt.core.client import Client
 from fedcrypt.core.params import ParamSpec, unflatten
 from fedcrypt.core.server import RoundRecord, Server
 from fedcrypt.data import Dataset, load_dataset, partition
+from fedcrypt.core.mechanism import BudgetSpent, Mechanism
 from fedcrypt.mechanisms import simulation_mechanisms
+from fedcrypt.mechanisms.dp import DpMechanism
 from fedcrypt.models.training import ClientData, LocalTrainer, TrainConfig
 from fedcrypt.models.zoo import build_model
 from fedcrypt.strategies import STRATEGIES, Strategy
@@ -36,6 +38,7 @@ class SimulationResult:
     params: np.ndarray
     spec: ParamSpec
     out_dir: Path | None
+    stopped: str = ""  # why the job ended before its last round (e.g. its DP budget was spent)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The final global model as a PyTorch state_dict."""
@@ -49,6 +52,21 @@ class SimulationResult:
 def build_strategy(job: JobConfig) -> Strategy:
     settings = job.strategy.model_dump(exclude={"name"})
     return STRATEGIES[job.strategy.name](**settings)
+
+
+def with_dp(mechanism: Mechanism, job: JobConfig) -> Mechanism:
+    """``mechanism`` with the job's differential privacy around it, if it has a ``[dp]`` section."""
+    settings = job.dp_settings()
+    if settings is None:
+        return mechanism
+    return DpMechanism(
+        mechanism,
+        settings,
+        clients=job.data.num_clients,
+        sampled=job.sampled_clients,
+        min_clients=job.strategy.min_fit_clients,
+        rounds=job.job.rounds,
+    )
 
 
 def client_names(num_clients: int) -> list[str]:
@@ -84,15 +102,21 @@ def simulate(
     trainer = build_trainer(config, dataset, model_factory)
     server = _build(config, dataset, trainer)
     history: list[RoundRecord] = []
+    stopped = ""
     for server_round in range(1, config.job.rounds + 1):
-        record = server.run_round(server_round)
+        try:
+            record = server.run_round(server_round)
+        except BudgetSpent as exc:
+            stopped = str(exc)
+            log.info("stopping: %s", exc)
+            break
         history.append(record)
         if run_dir:
             run_dir.append_round(record)
         if on_round:
             on_round(record)
     server.shutdown()
-    result = SimulationResult(config, history, server.params, trainer.spec, run_dir.path if run_dir else None)
+    result = SimulationResult(config, history, server.params, trainer.spec, run_dir.path if run_dir else None, stopped)
     if run_dir:
         run_dir.write_model(result.state_dict())
     return result
@@ -138,6 +162,7 @@ def _build(config: JobConfig, dataset: Dataset, trainer: LocalTrainer) -> Server
     server_side, client_side = simulation_mechanisms(
         privacy.mechanism, key_dir=key_dir, spec=trainer.spec, options=privacy.options
     )
+    server_side, client_side = with_dp(server_side, config), with_dp(client_side, config)
     clients = {
         name: Client(
             name,

@@ -62,6 +62,10 @@ def test_quickstart_runs_end_to_end_and_writes_the_run_directory(tmp_path: Path)
         ('[privacy]\nmechanism = "batchcrypt"\nkeys = "/nonexistent"\n', "cannot read /nonexistent/paillier.public.json"),
         ('[privacy]\nmechanism = "secagg"\nthreshold = 0.3\n', "privacy.threshold"),
         ('[privacy]\nmechanism = "none"\nneighbors = 4\n', "neighbors and threshold apply to mechanism = \"secagg\" only"),
+        ('[strategy]\nweighting = "uniform"\n[dp]\nclip_norm = 1.0\n', "set noise_multiplier, target_epsilon, or both"),
+        ('[dp]\nnoise_multiplier = 1.0\n', 'needs [strategy] weighting = "uniform"'),
+        ('[strategy]\nweighting = "uniform"\n[dp]\nnoise_multiplier = 1.0\ndelta = 1.5\n', "dp.delta"),
+        ('[strategy]\nweighting = "uniform"\n[dp]\nnoise_multiplier = -1.0\n', "dp.noise_multiplier"),
     ],
 )
 def test_user_errors_print_one_line_and_exit_2(tmp_path: Path, content: str, message: str) -> None:

@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fedcrypt.transport.certs import DEFAULT_HOSTS, CertError, write_bundle
@@ -28,7 +29,7 @@ def _user_errors() -> Iterator[None]:
     try:
         yield
     except (CertError, ValueError, OSError) as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 

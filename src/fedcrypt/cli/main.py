@@ -12,6 +12,7 @@ from typing import Annotated
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -56,7 +57,7 @@ def _user_errors() -> Iterator[None]:
     try:
         yield
     except (UserError, JobError, DatasetError, CertError, CheckpointError, DeploymentError, ValueError, OSError) as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -98,6 +99,8 @@ def run(
         with _round_display(job.job.rounds, quiet) as on_round:
             result = simulate(job, out_dir=out_dir, data_dir=data_dir, on_round=on_round)
     failed = sum(r.status != "ok" for r in result.history)
+    if result.stopped:
+        console.print(f"[bold yellow]stopped early[/]: {escape(result.stopped)}", highlight=False)
     console.print(
         f"[bold green]done[/] in {time.perf_counter() - started:.1f} s: final accuracy "
         f"[bold]{result.final_accuracy:.4f}[/], {failed} failed rounds; wrote {out_dir}/"
@@ -116,8 +119,10 @@ def _row(record: RoundRecord) -> str:
         f"{record.accuracy:>8.4f}  {record.bytes_up / 1e6:>10.3f}  {record.bytes_down / 1e6:>10.3f}  "
         f"{record.seconds:>7.2f}"
     )
+    if "dp_epsilon" in record.mechanism:
+        line += f"  ε={record.mechanism['dp_epsilon']:.3g}"
     if record.status != "ok":
-        line += f"  [red]round failed: {record.error}[/]"
+        line += f"  [red]round failed: {escape(record.error)}[/]"
     elif record.failures:
         line += f"  [yellow]{len(record.failures)} client(s) dropped[/]"
     return line
@@ -203,6 +208,8 @@ def server(
                 on_listening=lambda port: console.print(f"listening on port {port}; waiting for clients"),
             )
     done = len(result.history) + result.resumed_from
+    if result.stopped:
+        console.print(f"[bold yellow]stopped early[/]: {escape(result.stopped)}", highlight=False)
     console.print(f"[bold green]done[/]: {done} rounds; wrote {out_dir}/", highlight=False)
 
 

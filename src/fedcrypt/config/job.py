@@ -6,6 +6,7 @@ ignored setting.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -14,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fedcrypt.data import DATASETS, PARTITION_METHODS
 from fedcrypt.crypto.ckks import PRESETS
+from fedcrypt.dp import DpSettings, calibrate_noise
 from fedcrypt.mechanisms import MECHANISMS, Options, Selection
 from fedcrypt.models.zoo import MODELS
 
@@ -147,6 +149,26 @@ class PrivacySection(_Section):
         )
 
 
+class DpSection(_Section):
+    """Client-level differential privacy (DP-FedAvg); present = on. Give `noise_multiplier`, or
+    `target_epsilon` to have it calibrated for the job's rounds, or both (the job then stops
+    before a round that would exceed `target_epsilon`)."""
+
+    noise: Literal["central", "distributed", "local"] = Field(
+        "central", description="who adds the Gaussian noise: the server, the clients' shares, or each client in full"
+    )
+    clip_norm: float = Field(1.0, gt=0, description="L2 bound on each client's update")
+    noise_multiplier: float | None = Field(None, ge=0, description="noise std on the sum / clip_norm")
+    target_epsilon: float | None = Field(None, gt=0, description="privacy budget (with delta) for the whole job")
+    delta: float = Field(1e-5, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _noise_or_budget(self) -> DpSection:
+        if self.noise_multiplier is None and self.target_epsilon is None:
+            raise ValueError("set noise_multiplier, target_epsilon, or both")
+        return self
+
+
 class DeploySection(_Section):
     """Settings of `fedcrypt server`: deadlines, retries and message limits."""
 
@@ -173,6 +195,7 @@ class JobConfig(_Section):
     strategy: StrategySection = Field(default_factory=FedAvgSection)
     privacy: PrivacySection = Field(default_factory=PrivacySection)
     deploy: DeploySection = Field(default_factory=DeploySection)
+    dp: DpSection | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -190,17 +213,46 @@ class JobConfig(_Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _dp_weighs_clients_uniformly(self) -> JobConfig:
+        if self.dp is not None and self.strategy.weighting != "uniform":
+            raise ValueError('[dp] needs [strategy] weighting = "uniform" (DP-FedAvg bounds each client\'s influence)')
+        return self
+
+    def dp_settings(self) -> DpSettings | None:
+        """The resolved DP settings (noise multiplier calibrated to ``target_epsilon`` if not given)."""
+        if self.dp is None:
+            return None
+        dp = self.dp
+        multiplier = dp.noise_multiplier
+        if multiplier is None:
+            assert dp.target_epsilon is not None
+            multiplier = calibrate_noise(dp.target_epsilon, self.job.rounds, self.sampling_rate, dp.delta, dp.noise)
+        return DpSettings(dp.noise, dp.clip_norm, multiplier, dp.delta, dp.target_epsilon)
+
+    @property
+    def sampled_clients(self) -> int:
+        """Clients each round samples (as the strategy does, with all clients available)."""
+        n = self.data.num_clients
+        return min(n, max(self.strategy.min_fit_clients, math.ceil(self.strategy.fraction_fit * n)))
+
+    @property
+    def sampling_rate(self) -> float:
+        return self.sampled_clients / self.data.num_clients
+
     def with_overrides(self, **sections: dict[str, Any]) -> JobConfig:
         """A copy with some keys replaced, validated like a file (e.g. ``job={"rounds": 3}``)."""
         merged = self.model_dump()
         for section, values in sections.items():
-            merged[section] = {**merged[section], **values}
+            merged[section] = {**(merged.get(section) or {}), **values}
         return parse_job(merged, source="overrides")
 
     def to_toml(self) -> str:
         """The resolved job (defaults filled in) as TOML."""
         lines: list[str] = []
         for section, values in self.model_dump().items():
+            if values is None:  # an optional section that is off
+                continue
             lines.append(f"[{section}]")
             lines += [f"{key} = {_toml_value(value)}" for key, value in values.items() if value is not None]
             lines.append("")

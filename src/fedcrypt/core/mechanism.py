@@ -41,6 +41,10 @@ class RecoveryError(Exception):
     """The aggregate could not be recovered (too few survivors, wrong key, overflow)."""
 
 
+class BudgetSpent(Exception):
+    """The job may run no more rounds (e.g. its differential-privacy budget is spent)."""
+
+
 @dataclass(frozen=True)
 class RoundContext:
     """What both sides know about a round before it starts."""
@@ -158,6 +162,13 @@ class Mechanism(ABC):
     def recover(self, aggregate: Payload, ctx: RoundContext) -> np.ndarray:
         """The sum of the survivors' contributions (a float array the caller may modify in place),
         or a piece's values for a piece from :meth:`split`; raises :class:`RecoveryError`."""
+
+    def finalize(self, summed: np.ndarray, ctx: RoundContext) -> np.ndarray:
+        """Server-side processing of the recovered sum before averaging (central DP noise)."""
+        return summed
+
+    def check_budget(self, server_round: int) -> None:
+        """Raise :class:`BudgetSpent` if round ``server_round`` must not run."""
 
     def split(self, aggregate: Payload, ctx: RoundContext, pieces: int) -> list[AggregatePiece]:
         """The aggregate cut into at most ``pieces`` parts, so that several key holders recover it

@@ -102,6 +102,8 @@ class Server:
         self._sampler = np.random.default_rng(seed)
 
     def run_round(self, server_round: int) -> RoundRecord:
+        """One round; raises :class:`BudgetSpent` (before doing anything) if it must not run."""
+        self.mechanism.check_budget(server_round)
         record = RoundRecord(server_round)
         started = time.perf_counter()
         try:
@@ -205,6 +207,7 @@ class Server:
             summed = self.mechanism.recover(aggregate, ctx)
         else:
             summed = self._recover_by_key_holder(aggregate, ctx, survivors, record)
+        summed = self.mechanism.finalize(summed, ctx)
         average_delta, _ = contribution.unpack_average(summed)
         self.params = self.strategy.apply(self.params, average_delta)
         record.recover_seconds = time.perf_counter() - recover_started
