@@ -358,3 +358,18 @@ def test_a_dp_job_reports_epsilon_per_round_and_stops_when_its_budget_is_spent(t
     assert all(r.status == "ok" for r in result.history)
     again = fedcrypt.load_job(tmp_path / "run" / "job.toml")  # the run's resolved job keeps its [dp] section
     assert again.dp == job.dp
+
+
+def test_adaptive_clipping_runs_end_to_end_and_moves_the_bound() -> None:
+    job = fedcrypt.load_job(QUICKSTART).with_overrides(
+        job={"rounds": 4},
+        model={"name": "logreg"},
+        strategy={"weighting": "uniform"},
+        privacy={"mechanism": "batchcrypt", "paillier_bits": 1024},
+        dp={"noise": "distributed", "clip_norm": 50.0, "noise_multiplier": 0.5, "adaptive": True, "count_noise": 0.5},
+    )
+    result = fedcrypt.simulate(job)
+    assert all(r.status == "ok" and r.succeeded == 10 for r in result.history)
+    bounds = [r.mechanism["dp_clip_norm"] for r in result.history]
+    assert bounds[0] == 50.0 and bounds[-1] < bounds[0]  # every update is far below 50: the bound shrinks
+    assert all(r.mechanism["dp_unclipped"] == 10 for r in result.history[:2])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedcrypt.core.mechanism import BudgetSpent, RoundContext
+from fedcrypt.core.mechanism import BudgetSpent, PayloadRejected, RoundContext
 from fedcrypt.core.messages import Payload
 from fedcrypt.dp import DpSettings, epsilon_after
 from fedcrypt.mechanisms import PlaintextMechanism, SecAggMechanism
@@ -37,12 +37,11 @@ def test_updates_are_clipped_to_the_norm_and_small_ones_left_alone() -> None:
     mechanism = _dp("central")
     big, small = _contribution(10.0), _contribution(0.5, seed=1)
     kept = small.copy()
-    mechanism.privatize(big)
-    mechanism.privatize(small)
+    assert mechanism.privatize(big, 2.0) is False and mechanism.privatize(small, 2.0) is True
     assert np.linalg.norm(big[:-1].astype(np.float64)) == pytest.approx(2.0, rel=1e-5) and big[-1] == 1
     np.testing.assert_array_equal(small, kept)
     with pytest.raises(ValueError, match="uniform client weights"):
-        mechanism.privatize(np.append(np.ones(3), 7.0).astype(np.float32))
+        mechanism.privatize(np.append(np.ones(3), 7.0).astype(np.float32), 2.0)
 
 
 @pytest.mark.parametrize(("noise", "expected_std"), [("central", 0.8 * 2.0), ("distributed", 0.8 * 2.0), ("local", 0.8 * 2.0 * 2)])
@@ -71,3 +70,33 @@ def test_epsilon_is_reported_per_round_and_the_budget_stops_the_job() -> None:
     mechanism.check_budget(limit)
     with pytest.raises(BudgetSpent, match="privacy budget spent"):
         mechanism.check_budget(limit + 1)
+
+
+def test_adaptive_clipping_moves_the_bound_to_the_target_quantile_of_norms() -> None:
+    settings = DpSettings("central", clip_norm=100.0, noise_multiplier=0.0, delta=1e-5,
+                          adaptive=True, target_quantile=0.5, clip_lr=0.5, count_noise=0.01)
+    mechanism = DpMechanism(PlaintextMechanism(), settings, clients=10, sampled=10, min_clients=10, rounds=100)
+    names = tuple(map(str, range(10)))
+    bounds = []
+    for server_round in range(1, 41):
+        ctx = RoundContext("job", server_round, names, SIZE)
+        aggregator = mechanism.server_round(ctx)
+        for name in names:
+            request = aggregator.request("protect", name)
+            assert request.meta["dp_clip_norm"] == pytest.approx(mechanism.clip_norm)
+            reply = mechanism.client_round(ctx, name).respond("protect", request, _contribution(1.0 + int(name)))
+            assert reply.meta["dp_clip_bit"] in (0, 1)
+            aggregator.fold("protect", name, reply)
+        aggregator.finish()
+        bounds.append(mechanism.clip_norm)
+    assert bounds[0] < 100 and 4.0 <= bounds[-1] <= 7.0  # norms are 1..10: the median is 5.5
+    aggregator = mechanism.server_round(RoundContext("job", 41, names, SIZE))
+    with pytest.raises(PayloadRejected, match="clip bit"):
+        aggregator.fold("protect", "0", Payload(arrays={"vector": np.zeros(SIZE, np.float32)}))
+
+
+def test_the_count_query_takes_its_share_of_the_noise() -> None:
+    settings = DpSettings("central", 1.0, 1.0, 1e-5, adaptive=True, count_noise=1.0)
+    assert settings.update_noise_multiplier == pytest.approx((1.0 - 0.25) ** -0.5)
+    with pytest.raises(ValueError, match="count_noise > noise_multiplier / 2"):
+        DpSettings("central", 1.0, 1.0, 1e-5, adaptive=True, count_noise=0.4)

@@ -161,6 +161,12 @@ class DpSection(_Section):
     noise_multiplier: float | None = Field(None, ge=0, description="noise std on the sum / clip_norm")
     target_epsilon: float | None = Field(None, gt=0, description="privacy budget (with delta) for the whole job")
     delta: float = Field(1e-5, gt=0, lt=1)
+    adaptive: bool = Field(False, description="adapt clip_norm each round toward a quantile of update norms")
+    target_quantile: float = Field(0.5, gt=0, lt=1, description="adaptive: fraction of updates left unclipped")
+    clip_lr: float = Field(0.2, gt=0, le=10, description="adaptive: geometric step of the clip norm")
+    count_noise: float | None = Field(
+        None, gt=0, description="adaptive: noise std on the count of unclipped updates (default: clients per round / 20)"
+    )
 
     @model_validator(mode="after")
     def _noise_or_budget(self) -> DpSection:
@@ -228,7 +234,11 @@ class JobConfig(_Section):
         if multiplier is None:
             assert dp.target_epsilon is not None
             multiplier = calibrate_noise(dp.target_epsilon, self.job.rounds, self.sampling_rate, dp.delta, dp.noise)
-        return DpSettings(dp.noise, dp.clip_norm, multiplier, dp.delta, dp.target_epsilon)
+        count_noise = dp.count_noise if dp.count_noise is not None else self.sampled_clients / 20
+        return DpSettings(
+            dp.noise, dp.clip_norm, multiplier, dp.delta, dp.target_epsilon,
+            adaptive=dp.adaptive, target_quantile=dp.target_quantile, clip_lr=dp.clip_lr, count_noise=count_noise,
+        )
 
     @property
     def sampled_clients(self) -> int:

@@ -21,17 +21,41 @@ NoisePlacement = Literal["central", "distributed", "local"]
 
 @dataclass(frozen=True)
 class DpSettings:
-    """A job's ``[dp]`` section, resolved: ``noise_multiplier`` is known (calibrated if needed)."""
+    """A job's ``[dp]`` section, resolved: ``noise_multiplier`` is known (calibrated if needed).
+
+    With ``adaptive`` clipping (Andrew et al. 2021) ``clip_norm`` is only the starting bound: each
+    round the clients report whether their update was within it, the server counts the bits
+    with Gaussian noise of standard deviation ``count_noise`` and moves the bound geometrically
+    toward the ``target_quantile`` of update norms with rate ``clip_lr``. The two noisy queries
+    together keep the accountant's ``noise_multiplier``: the update gets
+    ``(z^-2 - (2 count_noise)^-2)^-1/2`` (their Theorem 1).
+    """
 
     noise: NoisePlacement
     clip_norm: float
     noise_multiplier: float
     delta: float
     target_epsilon: float | None = None
+    adaptive: bool = False
+    target_quantile: float = 0.5
+    clip_lr: float = 0.2
+    count_noise: float = 0.0
 
     def __post_init__(self) -> None:
         if self.clip_norm <= 0 or self.noise_multiplier < 0 or not 0 < self.delta < 1:
             raise ValueError("DP needs clip_norm > 0, noise_multiplier >= 0 and 0 < delta < 1")
+        if self.adaptive and self.noise_multiplier > 0 and 2 * self.count_noise <= self.noise_multiplier:
+            raise ValueError(
+                f"adaptive clipping needs count_noise > noise_multiplier / 2 ({self.noise_multiplier / 2:.3g}): "
+                "the clip-count query takes part of the privacy budget"
+            )
+
+    @property
+    def update_noise_multiplier(self) -> float:
+        """The noise multiplier on the updates (smaller than ``noise_multiplier`` by the count query's share)."""
+        if not self.adaptive or self.noise_multiplier == 0:
+            return self.noise_multiplier
+        return float((self.noise_multiplier**-2 - (2 * self.count_noise) ** -2) ** -0.5)
 
 
 def _event(noise_multiplier: float, sampling: float, noise: NoisePlacement) -> dp_accounting.DpEvent:

@@ -7,6 +7,10 @@ entry, so the sum of the at least ``min_clients`` survivors carries at least the
 ``local`` noise it adds ``N(0, (z C)^2)``. For ``central`` noise the server adds
 ``N(0, (z C)^2)`` to the recovered sum. The accountant reports epsilon per round in the round's
 metrics, and a job with a ``target_epsilon`` stops before the round that would exceed it.
+
+With adaptive clipping the first request carries the round's bound ``C`` and every client's
+first reply one bit, ``||delta|| <= C``, which the server learns in the clear (as in Flower's
+adaptive clipping) and counts with Gaussian noise before moving ``C`` for the next round.
 """
 
 from __future__ import annotations
@@ -22,11 +26,15 @@ from fedcrypt.core.mechanism import (
     ClientProtector,
     LocalModel,
     Mechanism,
+    PayloadRejected,
     RoundContext,
     ServerAggregator,
 )
 from fedcrypt.core.messages import Payload
 from fedcrypt.dp import DpSettings, epsilon_after, gaussian, rounds_within
+
+CLIP_KEY = "dp_clip_norm"
+BIT_KEY = "dp_clip_bit"
 
 
 class DpMechanism(Mechanism):
@@ -44,6 +52,8 @@ class DpMechanism(Mechanism):
         self.settings = settings
         self.sampling = sampled / clients
         self.min_clients = min_clients
+        self.clip_norm = settings.clip_norm  # the current bound (moves each round when adaptive)
+        self._round_clip: dict[int, float] = {}
         self.round_limit = (
             rounds_within(settings.target_epsilon, settings.noise_multiplier, self.sampling, settings.delta,
                           settings.noise, rounds)
@@ -51,10 +61,15 @@ class DpMechanism(Mechanism):
             else None
         )
 
-    @property
-    def noise_std(self) -> float:
-        """Standard deviation of the noise on the sum."""
-        return self.settings.noise_multiplier * self.settings.clip_norm
+    def noise_std(self, clip_norm: float) -> float:
+        """Standard deviation of the noise on the sum for updates clipped to ``clip_norm``."""
+        return self.settings.update_noise_multiplier * clip_norm
+
+    def adapt(self, unclipped: int, clients: int) -> None:
+        """Move the clip norm toward the target quantile from the noisy count of unclipped updates."""
+        s = self.settings
+        fraction = (unclipped + float(gaussian(1, s.count_noise)[0])) / max(clients, 1)
+        self.clip_norm *= float(np.exp(-s.clip_lr * (fraction - s.target_quantile)))
 
     def epsilon(self, rounds: int) -> float:
         s = self.settings
@@ -70,7 +85,8 @@ class DpMechanism(Mechanism):
         self.inner.check_budget(server_round)
 
     def server_round(self, ctx: RoundContext) -> ServerAggregator:
-        return _Aggregator(self.inner.server_round(ctx), self, ctx)
+        self._round_clip = {ctx.round: self.clip_norm}
+        return _Aggregator(self.inner.server_round(ctx), self, ctx, self.clip_norm)
 
     def client_round(self, ctx: RoundContext, client: str, local: LocalModel | None = None) -> ClientProtector:
         return _Protector(self.inner.client_round(ctx, client, local), self)
@@ -84,44 +100,65 @@ class DpMechanism(Mechanism):
     def finalize(self, summed: np.ndarray, ctx: RoundContext) -> np.ndarray:
         summed = self.inner.finalize(summed, ctx)
         if self.settings.noise == "central":
-            summed[:-1] += gaussian(summed.shape[0] - 1, self.noise_std).astype(summed.dtype)
+            clip_norm = self._round_clip.get(ctx.round, self.clip_norm)
+            summed[:-1] += gaussian(summed.shape[0] - 1, self.noise_std(clip_norm)).astype(summed.dtype)
         return summed
 
-    def privatize(self, contribution: np.ndarray) -> None:
-        """Clip ``contribution = [delta, 1]`` in place and add this client's share of the noise."""
+    def privatize(self, contribution: np.ndarray, clip_norm: float) -> bool:
+        """Clip ``contribution = [delta, 1]`` to ``clip_norm`` in place and add this client's share
+        of the noise; returns whether ``delta`` was within the bound."""
         if contribution[-1] != 1.0:
             raise ValueError("differential privacy needs uniform client weights ([strategy] weighting = \"uniform\")")
         delta = contribution[:-1]
         norm = float(np.linalg.norm(delta.astype(np.float64)))
         if not np.isfinite(norm):
             raise ValueError("the update contains NaN/Inf")
-        if norm > self.settings.clip_norm:
-            delta *= np.float32(self.settings.clip_norm / norm)
+        if norm > clip_norm:
+            delta *= np.float32(clip_norm / norm)
         if self.settings.noise == "distributed":
-            delta += gaussian(delta.shape[0], self.noise_std / np.sqrt(self.min_clients)).astype(delta.dtype)
+            delta += gaussian(delta.shape[0], self.noise_std(clip_norm) / np.sqrt(self.min_clients)).astype(delta.dtype)
         elif self.settings.noise == "local":
-            delta += gaussian(delta.shape[0], self.noise_std).astype(delta.dtype)
+            delta += gaussian(delta.shape[0], self.noise_std(clip_norm)).astype(delta.dtype)
+        return norm <= clip_norm
 
 
 class _Aggregator(ServerAggregator):
-    def __init__(self, inner: ServerAggregator, mechanism: DpMechanism, ctx: RoundContext) -> None:
+    def __init__(self, inner: ServerAggregator, mechanism: DpMechanism, ctx: RoundContext, clip_norm: float) -> None:
         self._inner, self._mechanism, self._ctx = inner, mechanism, ctx
+        self._clip_norm = clip_norm
+        self._first = inner.stages[0]
+        self._unclipped = 0
+        self._reported = 0
 
     @property
     def stages(self) -> tuple[str, ...]:
         return self._inner.stages
 
     def request(self, stage: str, client: str) -> Payload:
-        return self._inner.request(stage, client)
+        payload = self._inner.request(stage, client)
+        if stage == self._first and self._mechanism.settings.adaptive:
+            payload = Payload({**payload.meta, CLIP_KEY: self._clip_norm}, payload.arrays)
+        return payload
 
     def fold(self, stage: str, client: str, payload: Payload) -> None:
+        bit = None
+        if stage == self._first and self._mechanism.settings.adaptive:
+            bit = payload.meta.get(BIT_KEY)
+            if bit not in (0, 1) or isinstance(bit, bool):
+                raise PayloadRejected("adaptive clipping needs the 0/1 clip bit in the first reply")
         self._inner.fold(stage, client, payload)
+        if bit is not None:
+            self._unclipped += bit
+            self._reported += 1
 
     def close_stage(self, stage: str, survivors: Sequence[str]) -> None:
         self._inner.close_stage(stage, survivors)
 
     def finish(self) -> Payload:
-        return self._inner.finish()
+        aggregate = self._inner.finish()
+        if self._mechanism.settings.adaptive:
+            self._mechanism.adapt(self._unclipped, len(self._ctx.participants))
+        return aggregate
 
     def metrics(self) -> dict[str, float]:
         s = self._mechanism.settings
@@ -130,8 +167,10 @@ class _Aggregator(ServerAggregator):
             dp_epsilon=self._mechanism.epsilon(self._ctx.round),
             dp_delta=s.delta,
             dp_noise_multiplier=s.noise_multiplier,
-            dp_clip_norm=s.clip_norm,
+            dp_clip_norm=self._clip_norm,
         )
+        if s.adaptive:
+            figures.update(dp_next_clip_norm=self._mechanism.clip_norm, dp_unclipped=float(self._unclipped))
         return figures
 
 
@@ -145,7 +184,16 @@ class _Protector(ClientProtector):
         return self._inner.done
 
     def respond(self, stage: str, request: Payload, contribution: np.ndarray) -> Payload:
-        if not self._privatized:  # before the inner mechanism sees any of it, once per round
-            self._mechanism.privatize(contribution)
-            self._privatized = True
-        return self._inner.respond(stage, request, contribution)
+        if self._privatized:
+            return self._inner.respond(stage, request, contribution)
+        clip_norm = self._mechanism.settings.clip_norm
+        if self._mechanism.settings.adaptive:
+            clip_norm = request.meta.get(CLIP_KEY)
+            if not isinstance(clip_norm, (int, float)) or isinstance(clip_norm, bool) or not 0 < clip_norm < float("inf"):
+                raise ValueError(f"the server sent no usable clip norm ({clip_norm!r})")
+        within = self._mechanism.privatize(contribution, float(clip_norm))  # before the inner mechanism sees it
+        self._privatized = True
+        reply = self._inner.respond(stage, request, contribution)
+        if self._mechanism.settings.adaptive:
+            reply = Payload({**reply.meta, BIT_KEY: int(within)}, reply.arrays)
+        return reply
