@@ -299,3 +299,17 @@ def test_secagg_over_grpc_matches_the_simulation(deployment: dict[str, object]) 
     rows = _deploy_two_rounds(deployment, job, None)
     assert all(r["secagg_neighbors"] == 2 and r["secagg_threshold"] == 2 for r in rows)
     _assert_matches_simulation(tmp, job, atol=1e-6)  # fixed-point sums are exact: same model
+
+
+def test_dp_with_adaptive_clipping_over_grpc(deployment: dict[str, object]) -> None:
+    tmp = deployment["dir"]
+    assert isinstance(tmp, Path)
+    extra = (
+        '[model]\nname = "logreg"\n[privacy]\nmechanism = "secagg"\n'
+        '[dp]\nnoise = "distributed"\nclip_norm = 5.0\nnoise_multiplier = 0.5\nadaptive = true\ncount_noise = 0.5\n'
+    )
+    job = _job(tmp, rounds=2, extra=extra)
+    job.write_text(job.read_text().replace("[strategy]\n", '[strategy]\nweighting = "uniform"\n', 1))
+    rows = _deploy_two_rounds(deployment, job, None)
+    assert rows[0]["dp_clip_norm"] == 5.0 and rows[1]["dp_clip_norm"] == rows[0]["dp_next_clip_norm"]
+    assert 0 < rows[0]["dp_epsilon"] < rows[1]["dp_epsilon"]
