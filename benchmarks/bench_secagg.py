@@ -6,12 +6,20 @@ remove their pairwise masks).
 Runs the ``secagg`` mechanism's four stages in one process through the real wire encoding and
 reports the mean client time per round, the server's time to fold the masked vectors and to
 unmask, bytes per client each way, and checks the unmasked sum against the exact fixed-point sum.
-The comparison with Flower's SecAgg+ is still to be added (issue 6).
+
+Flower's side (``flwr`` from the bench extra): the server half of the unmask stage of
+``SecAggPlusWorkflow.unmask_stage`` (Flower 1.41), run with Flower's own functions on the same
+setting: for every sampled client ``combine_shares`` of the shares its neighbours returned, then
+``pseudo_rand_gen`` and ``parameters_subtraction`` of its self mask (survivors), or
+``generate_shared_key`` with each neighbour and the pairwise masks (dropped clients), then
+``parameters_mod``. Keys, shares and the masked sum are prepared untimed; only that loop is
+timed, as fedcrypt's ``close_stage("unmask")`` is.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -89,15 +97,74 @@ def run(clients: int, values: int, dropout: float, neighbors: int | None) -> dic
     }
 
 
+def flower_unmask(clients: int, values: int, dropped: int, degree: int, threshold: int) -> dict[str, Any]:
+    """Flower 1.41's server-side unmask loop, on its own primitives, timed."""
+    from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
+    from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
+    from flwr.common.secure_aggregation.ndarrays_arithmetic import (
+        get_parameters_shape,
+        parameters_addition,
+        parameters_mod,
+        parameters_subtraction,
+    )
+    from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
+    from flwr.supercore.primitives.asymmetric import (
+        bytes_to_private_key,
+        bytes_to_public_key,
+        generate_key_pairs,
+        private_key_to_bytes,
+        public_key_to_bytes,
+    )
+
+    mod_range = 4294967296  # SecAggPlusWorkflow's default modulus_range
+    half = degree // 2
+    neighbours = {i: {(i + d) % clients for d in range(-half, half + 1)} for i in range(clients)}  # incl. itself
+    keys = [generate_key_pairs() for _ in range(clients)]
+    public = {i: public_key_to_bytes(pk) for i, (_, pk) in enumerate(keys)}
+    dead = set(range(0, clients, max(1, clients // max(dropped, 1))))
+    dead = set(sorted(dead)[:dropped])
+    collected: dict[int, list[bytes]] = {}
+    for i in range(clients):
+        secret = private_key_to_bytes(keys[i][0]) if i in dead else os.urandom(32)
+        shares = create_shares(secret, threshold, len(neighbours[i]))
+        holders = [j for j in sorted(neighbours[i]) if j not in dead]
+        collected[i] = shares[: len(holders)]
+    masked = [np.zeros(values, dtype=np.int64)]
+    started = time.perf_counter()
+    for nid, share_list in collected.items():
+        secret = combine_shares(share_list)
+        if nid not in dead:
+            private_mask = pseudo_rand_gen(secret, mod_range, get_parameters_shape(masked))
+            masked = parameters_subtraction(masked, private_mask)
+        else:
+            for neighbor in sorted(neighbours[nid] - {nid}):
+                shared_key = generate_shared_key(bytes_to_private_key(secret), bytes_to_public_key(public[neighbor]))
+                pairwise = pseudo_rand_gen(shared_key, mod_range, get_parameters_shape(masked))
+                masked = parameters_addition(masked, pairwise) if nid > neighbor else parameters_subtraction(masked, pairwise)
+    parameters_mod(masked, mod_range)
+    return {"server_unmask_seconds": time.perf_counter() - started, "neighbors": degree, "threshold": threshold}
+
+
 def table(r: dict[str, Any]) -> str:
-    return "\n".join([
+    lines = [
         "| clients | values | dropped after sharing | neighbours / threshold | client s (mean) | server fold s "
         "| server unmask s | MB up / client | MB down / client | sum exact |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         f"| {r['clients']} | {r['values']:,} | {r['dropped']} | {r['neighbors']:.0f} / {r['threshold']:.0f} | "
         f"{r['client_seconds_mean']:.2f} | {r['server_fold_seconds']:.2f} | {r['server_unmask_seconds']:.2f} | "
         f"{r['bytes_up_per_client'] / 1e6:.2f} | {r['bytes_down_per_client'] / 1e6:.3f} | {r['exact']} |",
-    ])
+    ]
+    flower = r.get("flower")
+    if flower:
+        lines += [
+            "",
+            "| server unmask, same setting | seconds | Flower ÷ fedcrypt |",
+            "|---|---:|---:|",
+            f"| Flower 1.41 SecAgg+ (its unmask loop and primitives) | {flower['server_unmask_seconds']:.2f} | |",
+            f"| fedcrypt `secagg` | {r['server_unmask_seconds']:.2f} | "
+            f"**{flower['server_unmask_seconds'] / r['server_unmask_seconds']:.1f}x** |",
+        ]
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -106,11 +173,16 @@ def main() -> None:
     parser.add_argument("--values", type=int, default=1_000_000)
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--neighbors", type=int, default=None)
+    parser.add_argument("--no-flower", action="store_true", help="skip Flower's side (needs flwr, the bench extra)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "secagg.json")
     args = parser.parse_args()
     result = run(args.clients, args.values, args.dropout, args.neighbors)
+    if not args.no_flower:
+        result["flower"] = flower_unmask(
+            args.clients, args.values, result["dropped"], int(result["neighbors"]), int(result["threshold"])
+        )
     write_json(args.out, {"benchmark": "secagg", "command": command_line(),
-                          "machine": machine_info(("fedcrypt", "cryptography", "numpy")), "result": result})
+                          "machine": machine_info(("fedcrypt", "cryptography", "numpy", "flwr")), "result": result})
     print(table(result))
     print(f"\nResults: {args.out}")
 

@@ -69,10 +69,18 @@ SEALED_BYTES = _NONCE_BYTES + 2 * shamir.SHARE_BYTES + 16  # nonce, two shares, 
 FRAC_BITS = 24
 
 
-def expand(seed: bytes, count: int) -> np.ndarray:
-    """``count`` pseudo-random uint64 words from a 32-byte seed (AES-256-CTR keystream)."""
-    encryptor = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
-    return np.frombuffer(encryptor.update(bytes(8 * count)) + encryptor.finalize(), dtype=np.uint64)
+class _Keystream:
+    """AES-256-CTR keystreams of ``count`` words into one reused buffer (no allocation per mask)."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self._zeros = bytes(8 * count)
+        self._out = bytearray(8 * count + 16)  # update_into wants a block of slack
+
+    def words(self, seed: bytes) -> np.ndarray:
+        """The keystream of ``seed`` as uint64 words; valid until the next call."""
+        Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor().update_into(self._zeros, self._out)
+        return np.frombuffer(self._out, dtype=np.uint64, count=self.count)
 
 
 def _agree(private: X25519PrivateKey, public: bytes, purpose: bytes) -> bytes:
@@ -207,8 +215,8 @@ class _Aggregator(ServerAggregator):
             return Payload(
                 {"neighbors": neighbours, "threshold": self._threshold},
                 {
-                    "c_pk": np.frombuffer(b"".join(self._c_keys[j] for j in neighbours), np.uint8).reshape(-1, KEY_BYTES),
-                    "s_pk": np.frombuffer(b"".join(self._s_keys[j] for j in neighbours), np.uint8).reshape(-1, KEY_BYTES),
+                    "c_pk": _key_rows([self._c_keys[j] for j in neighbours]),
+                    "s_pk": _key_rows([self._s_keys[j] for j in neighbours]),
                 },
             )
         if stage == MASK:
@@ -323,25 +331,24 @@ class _Aggregator(ServerAggregator):
 
     def _unmask(self) -> None:
         """Remove the survivors' self masks and the dropped clients' pairwise masks."""
-        size = self._ctx.vector_size
+        removals: list[tuple[bytes, int]] = []  # (seed, +1 to subtract its mask, -1 to add it)
         for j in sorted(self._masked):
             seed = self._reconstruct(j, self._b_shares, "self-mask seed")
             if _commitment(seed, self._ctx, j) != self._commitments[j]:
                 raise RecoveryError(f"secagg: reconstructed self-mask seed of {j} does not match its commitment")
-            self._sum -= expand(seed, size)
+            removals.append((seed, 1))
         dropped = sorted(self._shared - self._masked)
         for j in dropped:
             key_bytes = self._reconstruct(j, self._s_shares, "mask key")
             private = X25519PrivateKey.from_private_bytes(key_bytes)
             if _public_bytes(private) != self._s_keys[j]:
                 raise RecoveryError(f"secagg: reconstructed mask key of {j} does not match its public key")
-            for i in self._graph[j]:
-                if i in self._masked:
-                    mask = expand(_agree(private, self._s_keys[i], b"mask"), size)
-                    if _sign(i, j) > 0:
-                        self._sum -= mask
-                    else:
-                        self._sum += mask
+            removals += [
+                (_agree(private, self._s_keys[i], b"mask"), _sign(i, j)) for i in self._graph[j] if i in self._masked
+            ]
+        stream = _Keystream(self._ctx.vector_size)  # every secret checked before the sum changes
+        for seed, sign in removals:
+            (np.subtract if sign > 0 else np.add)(self._sum, stream.words(seed), out=self._sum)
         self._dropped_after_sharing = len(dropped)
         self._unmasked = True
 
@@ -450,20 +457,19 @@ class _Protector(ClientProtector):
             data = row.tobytes()
             key = _agree(self._c_key, self._c_public[j], b"share")
             try:
-                plaintext = AESGCM(key).decrypt(data[:_NONCE_BYTES], data[_NONCE_BYTES:], _associated(self._ctx, j, self._client))
+                associated = _associated(self._ctx, j, self._client)
+                plaintext = AESGCM(key).decrypt(data[:_NONCE_BYTES], data[_NONCE_BYTES:], associated)
             except InvalidTag:
                 continue  # not verifiable: this client will not reveal a share for j (the server needs t others)
             size = shamir.SHARE_BYTES
             self._held[j] = (shamir.from_bytes(plaintext[:size]), shamir.from_bytes(plaintext[size:]))
         self._senders = senders
         masked = self._encode(contribution)
-        masked += expand(self._seed, masked.shape[0])
+        stream = _Keystream(masked.shape[0])
+        masked += stream.words(self._seed)
         for j in senders:
-            mask = expand(_agree(self._s_key, self._s_public[j], b"mask"), masked.shape[0])
-            if _sign(self._client, j) > 0:
-                masked += mask
-            else:
-                masked -= mask
+            mask = stream.words(_agree(self._s_key, self._s_public[j], b"mask"))
+            (np.add if _sign(self._client, j) > 0 else np.subtract)(masked, mask, out=masked)
         return Payload({"unverified": sorted(set(senders) - set(self._held))}, {"y": masked})
 
     def _encode(self, contribution: np.ndarray) -> np.ndarray:
@@ -492,6 +498,10 @@ class _Protector(ClientProtector):
                 "s": _share_rows([self._held[j][1] for j in dropped]),
             },
         )
+
+
+def _key_rows(keys: list[bytes]) -> np.ndarray:
+    return np.frombuffer(b"".join(keys), np.uint8).reshape(len(keys), KEY_BYTES)
 
 
 def _share_rows(shares: list[int]) -> np.ndarray:
