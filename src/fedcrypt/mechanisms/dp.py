@@ -53,7 +53,7 @@ class DpMechanism(Mechanism):
         self.sampling = sampled / clients
         self.min_clients = min_clients
         self.clip_norm = settings.clip_norm  # the current bound (moves each round when adaptive)
-        self._round_clip: dict[int, float] = {}
+        self._round_clip_norm = self.clip_norm  # the bound of the round being run
         self.round_limit = (
             rounds_within(settings.target_epsilon, settings.noise_multiplier, self.sampling, settings.delta,
                           settings.noise, rounds)
@@ -85,7 +85,7 @@ class DpMechanism(Mechanism):
         self.inner.check_budget(server_round)
 
     def server_round(self, ctx: RoundContext) -> ServerAggregator:
-        self._round_clip = {ctx.round: self.clip_norm}
+        self._round_clip_norm = self.clip_norm
         return _Aggregator(self.inner.server_round(ctx), self, ctx, self.clip_norm)
 
     def client_round(self, ctx: RoundContext, client: str, local: LocalModel | None = None) -> ClientProtector:
@@ -100,8 +100,8 @@ class DpMechanism(Mechanism):
     def finalize(self, summed: np.ndarray, ctx: RoundContext) -> np.ndarray:
         summed = self.inner.finalize(summed, ctx)
         if self.settings.noise == "central":
-            clip_norm = self._round_clip.get(ctx.round, self.clip_norm)
-            summed[:-1] += gaussian(summed.shape[0] - 1, self.noise_std(clip_norm)).astype(summed.dtype)
+            noise = gaussian(summed.shape[0] - 1, self.noise_std(self._round_clip_norm))
+            summed[:-1] += noise.astype(summed.dtype)
         return summed
 
     def privatize(self, contribution: np.ndarray, clip_norm: float) -> bool:

@@ -33,7 +33,6 @@ import logging
 import math
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -173,13 +172,6 @@ class SecAggMechanism(Mechanism):
 # --- server -----------------------------------------------------------------------------------
 
 
-@dataclass
-class _Secrets:
-    """Shares the server collects in the unmask stage for one client's secret."""
-
-    points: dict[int, int] = field(default_factory=dict)
-
-
 class _Aggregator(ServerAggregator):
     def __init__(self, mechanism: SecAggMechanism, ctx: RoundContext) -> None:
         self._mechanism = mechanism
@@ -194,8 +186,8 @@ class _Aggregator(ServerAggregator):
         self._shared: set[str] = set()  # U2: sent their shares
         self._masked: set[str] = set()  # U3: sent a masked vector
         self._sum = np.zeros(ctx.vector_size, dtype=np.uint64)
-        self._b_shares: dict[str, _Secrets] = {}
-        self._s_shares: dict[str, _Secrets] = {}
+        self._b_shares: dict[str, dict[int, int]] = {}  # client -> share point -> share of its seed
+        self._s_shares: dict[str, dict[int, int]] = {}  # client -> share point -> share of its mask key
         self._unmasked = False
         self._dropped_after_sharing = 0
 
@@ -293,9 +285,9 @@ class _Aggregator(ServerAggregator):
         values = [(j, shamir.from_bytes(row.tobytes())) for j, row in zip(survivors, b_rows)]
         s_values = [(j, shamir.from_bytes(row.tobytes())) for j, row in zip(dropped, s_rows)]
         for j, value in values:
-            self._b_shares.setdefault(j, _Secrets()).points[point] = value
+            self._b_shares.setdefault(j, {})[point] = value
         for j, value in s_values:
-            self._s_shares.setdefault(j, _Secrets()).points[point] = value
+            self._s_shares.setdefault(j, {})[point] = value
 
     # stage ends -------------------------------------------------------------------------------
 
@@ -352,8 +344,8 @@ class _Aggregator(ServerAggregator):
         self._dropped_after_sharing = len(dropped)
         self._unmasked = True
 
-    def _reconstruct(self, client: str, collected: dict[str, _Secrets], what: str) -> bytes:
-        points = collected.get(client, _Secrets()).points
+    def _reconstruct(self, client: str, collected: dict[str, dict[int, int]], what: str) -> bytes:
+        points = collected.get(client, {})
         if len(points) < self._threshold:
             raise RecoveryError(
                 f"secagg: only {len(points)} shares of the {what} of {client}, {self._threshold} needed; "
