@@ -30,7 +30,8 @@ from common import RESULTS_DIR, command_line, machine_info, write_json
 from fedcrypt.core.mechanism import RoundContext
 from fedcrypt.core.messages import Payload, StageIns, StageRes, from_bytes, to_bytes
 from fedcrypt.mechanisms import SecAggMechanism
-from fedcrypt.mechanisms.secagg import FRAC_BITS, MASK, STAGES, UNMASK
+from fedcrypt.crypto.ring import FRAC_BITS
+from fedcrypt.mechanisms.secagg import MASK, STAGES, UNMASK
 
 
 def _through_wire(message: StageIns | StageRes) -> tuple[Payload, int]:

@@ -373,3 +373,70 @@ def test_adaptive_clipping_runs_end_to_end_and_moves_the_bound() -> None:
     bounds = [r.mechanism["dp_clip_norm"] for r in result.history]
     assert bounds[0] == 50.0 and bounds[-1] < bounds[0]  # every update is far below 50: the bound shrinks
     assert all(r.mechanism["dp_unclipped"] == 10 for r in result.history[:2])
+
+
+def test_shares_simulation_equals_plaintext_fedavg_with_helpers_in_their_own_processes() -> None:
+    job = fedcrypt.load_job(QUICKSTART).with_overrides(job={"rounds": 2}, model={"name": "logreg"})
+    plain = fedcrypt.simulate(job)
+    shared = fedcrypt.simulate(job.with_overrides(privacy={"mechanism": "shares", "aggregators": 3}))
+    assert all(r.status == "ok" and r.succeeded == 10 for r in shared.history)
+    assert shared.history[0].mechanism["shares_aggregators"] == 3
+    np.testing.assert_allclose(shared.params, plain.params, atol=1e-6)  # fixed point at 2^-24
+    # 8 bytes per value instead of 4, once per client (the helpers' shares travel as 60-byte seeds),
+    # plus the helpers' partial sums: well under the 6x of sending every aggregator a full share
+    assert shared.history[0].bytes_up < 3 * plain.history[0].bytes_up
+
+
+def test_a_helper_process_that_dies_fails_its_rounds_cleanly_and_keeps_the_model() -> None:
+    import os
+    import signal
+
+    from fedcrypt.aggregator import start_helpers
+    from fedcrypt.mechanisms import simulation_mechanisms
+
+    job = load_job(QUICKSTART).with_overrides(
+        job={"rounds": 2}, data={"num_clients": 3}, strategy={"min_fit_clients": 2},
+        privacy={"mechanism": "shares", "aggregators": 3},
+    )
+    dataset = load_dataset("digits")
+    trainer = build_trainer(job, dataset)
+    x, y = train_tensors(dataset)
+    helpers, keys = start_helpers(job, None)
+    try:
+        assert os.getpid() not in helpers.pids().values()
+        server_side, client_side = simulation_mechanisms("shares", key_dir=None, options=job.privacy.options, helper_keys=keys)
+        with pytest.raises(ValueError, match="holds no helper aggregator key"):  # the secrets live in the helpers
+            server_side.helper_round(job.job.name, 1, "aggregator-1")
+        clients = {
+            name: Client(name, job.job.name, trainer, ClientData(x, y, torch.from_numpy(part)), client_side)
+            for name, part in zip("abc", partition_clients(job, dataset))
+        }
+        server = Server(job=job.job.name, strategy=FedAvg(min_fit_clients=2), mechanism=server_side,
+                        params=trainer.initial_params(), transport=InProcessTransport(clients), helpers=helpers)
+        assert server.run_round(1).status == "ok"
+        before = server.params.copy()
+        os.kill(helpers.pids()["aggregator-2"], signal.SIGKILL)
+        record = server.run_round(2)
+        assert record.status == "failed" and "aggregator-2 did not answer the 'open' stage" in record.error
+        assert "aggregator-2" in record.failures
+        np.testing.assert_array_equal(server.params, before)
+        assert server.shutdown() == ["a", "b", "c", "aggregator-1"]
+    finally:
+        helpers.close()
+    with pytest.raises(ValueError, match="needs its helper aggregators"):
+        Server(job="j", strategy=FedAvg(), mechanism=server_side, params=before, transport=InProcessTransport({}))
+
+
+def test_distributed_dp_noise_composes_with_additive_shares() -> None:
+    job = fedcrypt.load_job(QUICKSTART).with_overrides(
+        job={"rounds": 2},
+        model={"name": "logreg"},
+        strategy={"weighting": "uniform", "min_fit_clients": 5},
+        privacy={"mechanism": "shares"},
+        dp={"noise": "distributed", "clip_norm": 0.5, "noise_multiplier": 0.6},
+    )
+    result = fedcrypt.simulate(job)
+    assert all(r.status == "ok" and r.succeeded == 10 for r in result.history)
+    epsilons = [r.mechanism["dp_epsilon"] for r in result.history]
+    assert 0 < epsilons[0] < epsilons[1] and result.history[0].mechanism["shares_aggregators"] == 2
+    assert np.isfinite(result.params).all()

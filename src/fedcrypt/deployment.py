@@ -1,7 +1,11 @@
-"""Real deployment: ``fedcrypt server`` and ``fedcrypt client`` as separate processes over gRPC.
+"""Real deployment: ``fedcrypt server``, ``fedcrypt client`` and (for additive sharing)
+``fedcrypt aggregator`` as separate processes over gRPC.
 
-They run the same :class:`~fedcrypt.core.server.Server` and :class:`~fedcrypt.core.client.Client`
-as the simulation, on the same message bytes; only the transport differs. The server
+They run the same :class:`~fedcrypt.core.server.Server`, :class:`~fedcrypt.core.client.Client`
+and :class:`~fedcrypt.core.helper.HelperAggregator` as the simulation, on the same message bytes;
+only the transport differs. Helper aggregators connect to the server like clients (their
+certificates name them ``aggregator-1`` ...), and the server asks them through their own view of
+its transport. The server
 checkpoints after every round and can resume; rounds that fail (too few clients before the
 deadline) are retried, and a job that cannot proceed stops with a clear error.
 """
@@ -16,19 +20,21 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from fedcrypt.config.job import JobConfig, parse_job
 from fedcrypt.core.client import Client
+from fedcrypt.core.helper import HelperAggregator
 from fedcrypt.core.mechanism import BudgetSpent
 from fedcrypt.core.messages import JobSpec, from_bytes, to_bytes
 from fedcrypt.core.params import unflatten
 from fedcrypt.core.server import SERVER_NAME, RoundRecord, Server
-from fedcrypt.core.transport import Inbound
+from fedcrypt.core.transport import Inbound, Subset, Transport
 from fedcrypt.core.wire import SpooledMessage, WireError
 from fedcrypt.data import load_dataset
-from fedcrypt.mechanisms import client_mechanism, server_mechanism
+from fedcrypt.mechanisms import client_mechanism, helper_mechanism, helpers_of, server_mechanism
 from fedcrypt.models.training import ClientData
 from fedcrypt.simulation import (
     build_strategy,
@@ -92,6 +98,7 @@ def serve(
         ),
         revoked=revoked,
     )
+    helpers = helpers_of(job.privacy.mechanism, job.privacy.options)
     server = Server(
         job=job.job.name,
         strategy=build_strategy(job),
@@ -102,9 +109,10 @@ def serve(
             job,
         ),
         params=trainer.initial_params(),
-        transport=transport,
+        transport=Subset(transport, lambda name: name not in helpers) if helpers else transport,
         seed=job.job.seed,
         evaluate=lambda params: trainer.evaluate(params, test),
+        helpers=Subset(transport, lambda name: name in helpers) if helpers else None,
     )
     run_dir = RunDirectory(out_dir, resume=resume)
     digest = job_digest(job.to_toml())
@@ -122,13 +130,21 @@ def serve(
         on_listening(port)
     history: list[RoundRecord] = []
     try:
+        if server.helpers is not None:
+            ready = _wait_for(server.helpers, len(helpers), deploy.wait_timeout)
+            if len(ready) < len(helpers):
+                missing = ", ".join(sorted(set(helpers) - set(ready)))
+                raise DeploymentError(
+                    f"helper aggregator(s) {missing} did not connect within {deploy.wait_timeout:g} s; "
+                    "start each with `fedcrypt aggregator`"
+                )
         wanted = deploy.min_clients or job.strategy.min_fit_clients
-        connected = transport.wait_for_clients(wanted, deploy.wait_timeout)
+        connected = _wait_for(server.transport, wanted, deploy.wait_timeout)
         log.info("%d clients connected: %s", len(connected), ", ".join(connected))
         stopped = ""
         for server_round in range(start, job.job.rounds + 1):
             try:
-                record = _round_with_retries(server, transport, server_round, job, deploy.max_retries)
+                record = _round_with_retries(server, server_round, job, deploy.max_retries)
             except BudgetSpent as exc:
                 stopped = str(exc)
                 log.warning("stopping: %s", exc)
@@ -176,13 +192,19 @@ def _shut_down_clients(server: Server, transport: GrpcServerTransport, grace: fl
         log.warning("clients not told that the job ended: %s", ", ".join(sorted(remaining)))
 
 
-def _round_with_retries(
-    server: Server, transport: GrpcServerTransport, server_round: int, job: JobConfig, retries: int
-) -> RoundRecord:
+def _wait_for(peers: Transport, count: int, timeout: float) -> list[str]:
+    """Block until ``count`` peers of a group are connected or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while len(peers.available()) < count and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return peers.available()
+
+
+def _round_with_retries(server: Server, server_round: int, job: JobConfig, retries: int) -> RoundRecord:
     """Run a round; if it fails, wait for enough clients and try again, ``retries`` times."""
     for attempt in range(retries + 1):
         if attempt:
-            transport.wait_for_clients(job.strategy.min_fit_clients, job.deploy.wait_timeout)
+            _wait_for(server.transport, job.strategy.min_fit_clients, job.deploy.wait_timeout)
         record = server.run_round(server_round)
         if record.status == "ok":
             return record
@@ -227,25 +249,73 @@ def join(
             seed=job.job.seed,
         )
         log.info("joined job %s as %s with %d examples", job.job.name, name, client.data.num_examples)
-        answered = 0
-        while not client.finished:
-            request = connection.next_request()
-            if request is None:
-                continue
-            log.info("request %d received (%d bytes)", answered + 1, len(request))
-            try:
-                with connection.heartbeat():
-                    reply = client.handle(request)
-                connection.reply(reply)
-            finally:
-                if isinstance(request, SpooledMessage):
-                    request.close()
-            answered += 1
-        return answered
+        return _answer_until_finished(connection, client)
     except ConnectionRefused as exc:
         raise DeploymentError(str(exc)) from None
     finally:
         connection.close()
+
+
+def assist(
+    address: str,
+    name: str,
+    *,
+    tls: TlsFiles | None,
+    key_dir: Path | None = None,
+    limits: ClientLimits | None = None,
+) -> int:
+    """Serve the job as helper aggregator ``name`` until it ends; returns the requests answered.
+
+    The helper needs its secret key (``--keys``, from ``fedcrypt keys aggregator``), no data.
+    """
+    connection = GrpcClientConnection(address, name, tls=tls, limits=limits)
+    try:
+        job = _job_from_welcome(connection.hello())
+        connection.job = job.job.name
+        connection.limits.spool_bytes = job.deploy.spool_mb << 20
+        key_dir = _key_dir(key_dir, job)
+        if key_dir is None:
+            raise DeploymentError(
+                f"a helper aggregator needs --keys DIR with its secret file (`fedcrypt keys aggregator --name {name}`)"
+            )
+        mechanism = helper_mechanism(
+            job.privacy.mechanism,
+            helper=name,
+            key_dir=key_dir,
+            options=job.privacy.options,
+            min_clients=job.strategy.min_fit_clients,
+        )
+        log.info("serving job %s as helper aggregator %s", job.job.name, name)
+        return _answer_until_finished(connection, HelperAggregator(name, job.job.name, mechanism))
+    except ConnectionRefused as exc:
+        raise DeploymentError(str(exc)) from None
+    finally:
+        connection.close()
+
+
+class _Responder(Protocol):
+    finished: bool
+
+    def handle(self, request: Inbound) -> list[memoryview]: ...
+
+
+def _answer_until_finished(connection: GrpcClientConnection, responder: _Responder) -> int:
+    """Pull requests and push the responder's replies until the server ends the job."""
+    answered = 0
+    while not responder.finished:
+        request = connection.next_request()
+        if request is None:
+            continue
+        log.info("request %d received (%d bytes)", answered + 1, len(request))
+        try:
+            with connection.heartbeat():
+                reply = responder.handle(request)
+            connection.reply(reply)
+        finally:
+            if isinstance(request, SpooledMessage):
+                request.close()
+        answered += 1
+    return answered
 
 
 def _key_dir(given: Path | None, job: JobConfig) -> Path | None:

@@ -12,13 +12,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedcrypt.aggregator import start_helpers
 from fedcrypt.config.job import JobConfig, load_job
 from fedcrypt.core.client import Client
+from fedcrypt.core.mechanism import BudgetSpent, Mechanism
 from fedcrypt.core.params import ParamSpec, unflatten
 from fedcrypt.core.server import RoundRecord, Server
 from fedcrypt.data import Dataset, load_dataset, partition
-from fedcrypt.core.mechanism import BudgetSpent, Mechanism
-from fedcrypt.mechanisms import simulation_mechanisms
+from fedcrypt.mechanisms import helpers_of, simulation_mechanisms
 from fedcrypt.mechanisms.dp import DpMechanism
 from fedcrypt.models.training import ClientData, LocalTrainer, TrainConfig
 from fedcrypt.models.zoo import build_model
@@ -103,19 +104,23 @@ def simulate(
     server = _build(config, dataset, trainer)
     history: list[RoundRecord] = []
     stopped = ""
-    for server_round in range(1, config.job.rounds + 1):
-        try:
-            record = server.run_round(server_round)
-        except BudgetSpent as exc:
-            stopped = str(exc)
-            log.info("stopping: %s", exc)
-            break
-        history.append(record)
-        if run_dir:
-            run_dir.append_round(record)
-        if on_round:
-            on_round(record)
-    server.shutdown()
+    try:
+        for server_round in range(1, config.job.rounds + 1):
+            try:
+                record = server.run_round(server_round)
+            except BudgetSpent as exc:
+                stopped = str(exc)
+                log.info("stopping: %s", exc)
+                break
+            history.append(record)
+            if run_dir:
+                run_dir.append_round(record)
+            if on_round:
+                on_round(record)
+        server.shutdown()
+    finally:
+        if server.helpers is not None:
+            server.helpers.close()
     result = SimulationResult(config, history, server.params, trainer.spec, run_dir.path if run_dir else None, stopped)
     if run_dir:
         run_dir.write_model(result.state_dict())
@@ -159,8 +164,9 @@ def _build(config: JobConfig, dataset: Dataset, trainer: LocalTrainer) -> Server
     parts = partition_clients(config, dataset)
     privacy = config.privacy
     key_dir = Path(privacy.keys) if privacy.keys else None
+    helpers, helper_keys = start_helpers(config, key_dir) if helpers_of(privacy.mechanism, privacy.options) else (None, None)
     server_side, client_side = simulation_mechanisms(
-        privacy.mechanism, key_dir=key_dir, spec=trainer.spec, options=privacy.options
+        privacy.mechanism, key_dir=key_dir, spec=trainer.spec, options=privacy.options, helper_keys=helper_keys
     )
     server_side, client_side = with_dp(server_side, config), with_dp(client_side, config)
     clients = {
@@ -182,4 +188,5 @@ def _build(config: JobConfig, dataset: Dataset, trainer: LocalTrainer) -> Server
         transport=InProcessTransport(clients),
         seed=config.job.seed,
         evaluate=lambda params: trainer.evaluate(params, test),
+        helpers=helpers,
     )

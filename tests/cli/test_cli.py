@@ -62,6 +62,9 @@ def test_quickstart_runs_end_to_end_and_writes_the_run_directory(tmp_path: Path)
         ('[privacy]\nmechanism = "batchcrypt"\nkeys = "/nonexistent"\n', "cannot read /nonexistent/paillier.public.json"),
         ('[privacy]\nmechanism = "secagg"\nthreshold = 0.3\n', "privacy.threshold"),
         ('[privacy]\nmechanism = "none"\nneighbors = 4\n', "neighbors and threshold apply to mechanism = \"secagg\" only"),
+        ('[privacy]\nmechanism = "shares"\naggregators = 1\n', "privacy.aggregators"),
+        ('[privacy]\nmechanism = "secagg"\naggregators = 3\n', "aggregators applies to mechanism = \"shares\" only"),
+        ('[privacy]\nmechanism = "shares"\nkeys = "/nonexistent"\n', "cannot read /nonexistent/aggregator-1.secret.json"),
         ('[strategy]\nweighting = "uniform"\n[dp]\nclip_norm = 1.0\n', "set noise_multiplier, target_epsilon, or both"),
         ('[dp]\nnoise_multiplier = 1.0\n', 'needs [strategy] weighting = "uniform"'),
         ('[strategy]\nweighting = "uniform"\n[dp]\nnoise_multiplier = 1.0\ndelta = 1.5\n', "dp.delta"),
@@ -107,6 +110,24 @@ def test_he_server_without_keys_is_refused_before_listening(tmp_path: Path) -> N
     job.write_text('[privacy]\nmechanism = "ckks"\n')
     result = fedcrypt("server", str(job), "--insecure", "--address", "127.0.0.1:0", "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and "needs --keys DIR" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_aggregator_keys_command_writes_the_helpers_files(tmp_path: Path) -> None:
+    made = fedcrypt("keys", "aggregator", "--out", str(tmp_path / "keys"), "--name", "aggregator-2")
+    assert made.returncode == 0, made.stderr
+    assert oct((tmp_path / "keys" / "aggregator-2.secret.json").stat().st_mode & 0o777) == "0o600"
+    assert (tmp_path / "keys" / "aggregator-2.public.json").is_file() and "public key" in made.stdout
+    again = fedcrypt("keys", "aggregator", "--out", str(tmp_path / "keys"), "--name", "aggregator-2")
+    assert again.returncode == 2 and "refusing to overwrite" in again.stderr and "Traceback" not in again.stderr
+    odd = fedcrypt("keys", "aggregator", "--out", str(tmp_path / "keys"), "--name", "server")
+    assert odd.returncode == 2 and "--name must be aggregator-1" in odd.stderr
+
+
+def test_a_helper_aggregator_without_keys_or_server_fails_in_one_line(tmp_path: Path) -> None:
+    result = fedcrypt("aggregator", "--server", "127.0.0.1:1", "--name", "aggregator-1", "--insecure",
+                      "--reconnect-timeout", "0")
+    assert result.returncode == 2 and "cannot reach the server" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
 
 

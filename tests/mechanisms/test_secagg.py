@@ -9,7 +9,8 @@ import pytest
 from fedcrypt.core.mechanism import PayloadRejected, RecoveryError, RoundContext
 from fedcrypt.core.messages import Payload, StageRes, from_bytes, to_bytes
 from fedcrypt.mechanisms import SecAggMechanism, build_mechanism
-from fedcrypt.mechanisms.secagg import ADVERTISE, FRAC_BITS, MASK, SHARE, STAGES, UNMASK
+from fedcrypt.crypto.ring import FRAC_BITS
+from fedcrypt.mechanisms.secagg import ADVERTISE, MASK, SHARE, STAGES, UNMASK
 
 SIZE = 257
 

@@ -23,9 +23,11 @@ from fedcrypt.crypto.ckks import PRESETS, SecretKey
 from fedcrypt.crypto.paillier import generate_keypair
 from fedcrypt.mechanisms.ckks import write_keys
 from fedcrypt.mechanisms.paillier import write_keys as write_paillier_keys
+from fedcrypt.mechanisms.shares import public_file, write_helper_key
 from fedcrypt.transport.certs import client_files, write_bundle
 
 CLIENTS = ["client-000", "client-001", "client-002"]
+HELPERS = ["aggregator-1", "aggregator-2"]
 JOB = """
 [job]
 name = "deploy-test"
@@ -67,7 +69,7 @@ def _spawn(*args: str, log: Path) -> subprocess.Popen[bytes]:
 @pytest.fixture()
 def deployment(tmp_path: Path) -> Iterator[dict[str, object]]:
     """Certificates, a job file and a port; kills every process the test started."""
-    write_bundle(tmp_path / "certs", [*CLIENTS, "mallory"])
+    write_bundle(tmp_path / "certs", [*CLIENTS, "mallory", *HELPERS])
     processes: list[subprocess.Popen[bytes]] = []
     yield {"dir": tmp_path, "port": _free_port(), "processes": processes}
     for process in processes:
@@ -313,3 +315,49 @@ def test_dp_with_adaptive_clipping_over_grpc(deployment: dict[str, object]) -> N
     rows = _deploy_two_rounds(deployment, job, None)
     assert rows[0]["dp_clip_norm"] == 5.0 and rows[1]["dp_clip_norm"] == rows[0]["dp_next_clip_norm"]
     assert 0 < rows[0]["dp_epsilon"] < rows[1]["dp_epsilon"]
+
+
+def _helper(env: dict[str, object], name: str) -> subprocess.Popen[bytes]:
+    """Helper aggregator ``name`` with its own key folder ``DIR/name`` (made on its machine)."""
+    tmp = env["dir"]
+    assert isinstance(tmp, Path)
+    args = ["aggregator", "--server", f"localhost:{env['port']}", "--name", name, "--keys", str(tmp / name)]
+    process = _spawn(*args, "--certs", str(tmp / "certs"), log=tmp / f"{name}.log")
+    env["processes"].append(process)  # type: ignore[attr-defined]
+    return process
+
+
+def test_shares_over_grpc_with_two_helper_aggregators_matches_the_simulation(deployment: dict[str, object]) -> None:
+    tmp = deployment["dir"]
+    assert isinstance(tmp, Path)
+    (tmp / "keys").mkdir()
+    for name in HELPERS:  # each helper makes its key; the clients get the public files only
+        write_helper_key(tmp / name, name)
+        (tmp / "keys" / public_file(name)).write_bytes((tmp / name / public_file(name)).read_bytes())
+    job = _job(tmp, rounds=2, extra='[model]\nname = "logreg"\n[privacy]\nmechanism = "shares"\naggregators = 3\n')
+    server = _server(deployment, job)
+    helpers = [_helper(deployment, name) for name in HELPERS]
+    clients = [_client(deployment, name, i, "--keys", str(tmp / "keys")) for i, name in enumerate(CLIENTS)]
+    _finish(server, tmp / "server.log")
+    for name, process in zip(HELPERS, helpers):  # open and partial in each of 2 rounds, then the shutdown
+        assert f"answered 5 requests as helper aggregator {name}" in _finish(process, tmp / f"{name}.log")
+    for name, process in zip(CLIENTS, clients):
+        _finish(process, tmp / f"{name}.log")
+    rows = _rounds(tmp / "out")
+    assert [r["round"] for r in rows] == [1, 2] and all(r["succeeded"] == 3 and r["status"] == "ok" for r in rows)
+    assert all(r["shares_aggregators"] == 3 for r in rows)
+    deployed = flatten(torch.load(tmp / "out" / "model.pt"))
+    np.testing.assert_allclose(deployed, fedcrypt.simulate(job).params, atol=1e-6)  # exact sums: same model
+
+
+def test_a_shares_server_stops_with_a_clear_message_when_a_helper_never_connects(deployment: dict[str, object]) -> None:
+    tmp = deployment["dir"]
+    assert isinstance(tmp, Path)
+    write_helper_key(tmp / "aggregator-1", "aggregator-1")
+    job = _job(tmp, rounds=1, extra='[privacy]\nmechanism = "shares"\naggregators = 3\n')
+    job.write_text(job.read_text().replace("wait_timeout = 60", "wait_timeout = 3"))
+    server = _server(deployment, job)
+    _helper(deployment, "aggregator-1")
+    assert server.wait(TIMEOUT) == 2
+    log = (tmp / "server.log").read_text()
+    assert "aggregator-2 did not connect within 3 s" in log and "Traceback" not in log

@@ -1,10 +1,12 @@
-"""``fedcrypt keys``: key material for homomorphic mechanisms, made by a key authority.
+"""``fedcrypt keys``: key material for homomorphic mechanisms (made by a key authority) and for
+the helper aggregators of additive sharing (each made on its helper's machine).
 
 Kept apart from ``cli/main.py`` (which registers it with ``app.add_typer(keys_app)``).
 """
 
 from __future__ import annotations
 
+import re
 import stat
 from pathlib import Path
 from typing import Annotated
@@ -18,9 +20,13 @@ from fedcrypt.crypto.ckks import PRESETS, SecretKey
 from fedcrypt.crypto.paillier import DEFAULT_BITS, generate_keypair
 from fedcrypt.mechanisms import paillier as paillier_files
 from fedcrypt.mechanisms.ckks import PUBLIC_FILE, SECRET_FILE, write_keys
+from fedcrypt.mechanisms.shares import public_file as shares_public_file
+from fedcrypt.mechanisms.shares import secret_file as shares_secret_file
+from fedcrypt.mechanisms.shares import write_helper_key
 
-keys_app = typer.Typer(name="keys", help="Create key material for homomorphic mechanisms.", no_args_is_help=True)
+keys_app = typer.Typer(name="keys", help="Create key material for homomorphic encryption and helper aggregators.", no_args_is_help=True)
 console = Console()
+HELPER_NAME = re.compile(r"aggregator-[1-9][0-9]?")
 
 _PRESET_HELP = "Parameter preset: " + "; ".join(f"{p.name}: {p.description}" for p in PRESETS.values())
 
@@ -56,9 +62,32 @@ def paillier(
     console.print(f"{bits}-bit key; fingerprint {public.fingerprint}")
 
 
-def _print_files(out: Path, public_file: str, secret_file: str) -> None:
+@keys_app.command()
+def aggregator(
+    out: Annotated[Path, typer.Option(help="Folder for NAME.public.json and NAME.secret.json.", show_default=False)],
+    name: Annotated[str, typer.Option(help="The helper's name: aggregator-1 ... aggregator-(k-1).")] = "aggregator-1",
+) -> None:
+    """Create a helper aggregator's X25519 key (for `shares`), on the helper's own machine: the
+    secret file (0600) stays with the helper, the public file goes to every client."""
+    with _user_errors():
+        if not HELPER_NAME.fullmatch(name):
+            raise ValueError(f"--name must be aggregator-1, aggregator-2, ..., got {name!r}")
+        public = write_helper_key(out, name)
+    _print_files(
+        out, shares_public_file(name), shares_secret_file(name),
+        audiences=("every client", f"helper aggregator {name} only, never the server or a client"),
+    )
+    console.print(f"helper aggregator [bold]{name}[/]; public key {public.hex()[:16]}...")
+
+
+def _print_files(
+    out: Path,
+    public_file: str,
+    secret_file: str,
+    audiences: tuple[str, str] = ("the server (and every client)", "every client, never the server"),
+) -> None:
     table = Table("file", "mode", "give it to")
-    for name, audience in ((public_file, "the server (and every client)"), (secret_file, "every client, never the server")):
+    for name, audience in zip((public_file, secret_file), audiences):
         path = out / name
         table.add_row(str(path), f"{stat.S_IMODE(path.stat().st_mode):04o}", audience)
     console.print(table)

@@ -22,7 +22,7 @@ from fedcrypt.core.server import RoundRecord
 from fedcrypt.data import DatasetError, load_dataset, summarize, summary_table
 from fedcrypt.cli.certs import certs
 from fedcrypt.cli.keys import keys_app
-from fedcrypt.deployment import DeploymentError, join, serve
+from fedcrypt.deployment import DeploymentError, assist, join, serve
 from fedcrypt.simulation import partition_clients, simulate
 from fedcrypt.tracking.checkpoint import CheckpointError
 from fedcrypt.transport.certs import CertError, TlsFiles, client_files, server_files
@@ -44,7 +44,7 @@ DataDirOpt = Annotated[
 ]
 KeysOpt = Annotated[
     Path | None,
-    typer.Option("--keys", help="Key folder from `fedcrypt keys` (HE mechanisms; default: the job's [privacy] keys)."),
+    typer.Option("--keys", help="Key folder from `fedcrypt keys` (HE mechanisms; default: the job's \\[privacy] keys)."),
 ]
 
 
@@ -244,6 +244,30 @@ def client(
             limits=ClientLimits(reconnect_timeout=reconnect_timeout),
         )
     console.print(f"[bold green]done[/]: answered {answered} requests as {name}")
+
+
+@app.command()
+def aggregator(
+    server_address: Annotated[str, typer.Option("--server", help="Server HOST:PORT.")],
+    name: Annotated[str, typer.Option(help="This helper's name: aggregator-1 ... aggregator-(k-1).")],
+    keys: Annotated[
+        Path | None,
+        typer.Option("--keys", help="Folder with NAME.secret.json from `fedcrypt keys aggregator` (default: the job's \\[privacy] keys)."),
+    ] = None,
+    certs_dir: Annotated[Path | None, typer.Option("--certs", help="Folder with ca.pem, NAME.pem, NAME.key.")] = None,
+    insecure: Annotated[bool, typer.Option(help="Plaintext, unauthenticated gRPC (loopback only).")] = False,
+    reconnect_timeout: Annotated[float, typer.Option(min=0, help="Seconds to keep retrying an unreachable server.")] = 60.0,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each step.")] = False,
+) -> None:
+    """Serve a `shares` job as one of its helper aggregators: hold one share of every update,
+    sum them, never see data or models."""
+    _setup_logging(verbose)
+    with _user_errors():
+        tls = _tls(certs_dir, insecure, lambda d: client_files(d, name))
+        answered = assist(
+            server_address, name, tls=tls, key_dir=keys, limits=ClientLimits(reconnect_timeout=reconnect_timeout)
+        )
+    console.print(f"[bold green]done[/]: answered {answered} requests as helper aggregator {name}")
 
 
 def _tls(certs_dir: Path | None, insecure: bool, files: Callable[[Path], TlsFiles]) -> TlsFiles | None:

@@ -114,6 +114,9 @@ class PrivacySection(_Section):
     threshold: float = Field(
         0.5, ge=0.5, lt=1, description="secagg: fraction of a client's neighbours whose shares reconstruct its secrets"
     )
+    aggregators: int = Field(
+        2, ge=2, le=16, description="shares: k, the aggregators holding shares (the server and k - 1 helpers)"
+    )
     encrypt_ratio: float = Field(
         1.0, gt=0, le=1, description="ckks: encrypt the most privacy-sensitive fraction of parameters (1 = all)"
     )
@@ -133,6 +136,8 @@ class PrivacySection(_Section):
             raise ValueError("bits applies to mechanism = \"batchcrypt\" only")
         if (self.neighbors is not None or self.threshold != 0.5) and self.mechanism != "secagg":
             raise ValueError("neighbors and threshold apply to mechanism = \"secagg\" only")
+        if self.aggregators != 2 and self.mechanism != "shares":
+            raise ValueError("aggregators applies to mechanism = \"shares\" only")
         if self.encrypt_ratio != 1.0 and self.encrypt_layers:
             raise ValueError("set either encrypt_ratio or encrypt_layers, not both")
         return self
@@ -146,6 +151,7 @@ class PrivacySection(_Section):
             bits=self.bits,
             neighbors=self.neighbors,
             threshold=self.threshold,
+            aggregators=self.aggregators,
         )
 
 

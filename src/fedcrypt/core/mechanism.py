@@ -11,9 +11,14 @@ protected payloads into one aggregate payload, and a key holder *recovers* the s
 mask / unmask, BatchCrypt's statistics exchange before protecting, selective encryption's mask
 agreement) implement :class:`Mechanism` directly. The server's aggregator names each round's
 stages, so a mechanism may run an extra stage in some rounds only; the first stage's request
-rides in ``FitIns`` and its reply in ``FitRes``. Who may call :meth:`Mechanism.recover` depends on the mechanism:
-for ``none`` and secret sharing the server learns the sum; for homomorphic encryption only the
-holders of the secret key do.
+rides in ``FitIns`` and its reply in ``FitRes``. Who may call :meth:`Mechanism.recover` depends
+on the mechanism: for ``none`` and secret sharing the server learns the sum; for homomorphic
+encryption only the holders of the secret key do.
+
+Additive sharing needs aggregators besides the server: a mechanism names them in
+:attr:`Mechanism.helpers`, and its server aggregator addresses some stages
+(:attr:`ServerAggregator.helper_stages`) to all of them instead of to the clients; each helper
+answers with a :class:`HelperRound` in its own process.
 """
 
 from __future__ import annotations
@@ -122,6 +127,12 @@ class ServerAggregator(ABC):
     def close_stage(self, stage: str, survivors: Sequence[str]) -> None:
         """Called once a stage's replies are in; ``survivors`` answered it successfully."""
 
+    @property
+    def helper_stages(self) -> frozenset[str]:
+        """Stages answered by the mechanism's helper aggregators (every one) instead of the clients;
+        the server's client survivors stay as they were. Never the first stage."""
+        return frozenset()
+
     @abstractmethod
     def finish(self) -> Payload:
         """The aggregate payload of the round (readable only by whoever can recover it)."""
@@ -144,12 +155,28 @@ class ClientProtector(ABC):
         """Whether the round needs the contribution no more (the client then forgets it)."""
 
 
+class HelperRound(ABC):
+    """A helper aggregator's half of one round: answers the stages addressed to helpers."""
+
+    @abstractmethod
+    def respond(self, stage: str, request: Payload) -> Payload:
+        """The reply to the server's ``request`` for ``stage``; raise ``ValueError`` to refuse."""
+
+    @property
+    @abstractmethod
+    def done(self) -> bool:
+        """Whether the round needs this helper no more (it then forgets the round's secrets)."""
+
+
 class Mechanism(ABC):
     """A way to sum client vectors so the server cannot read any single one."""
 
     name: ClassVar[str]
-    #: Whether the server process can recover the sum (True for ``none`` and secret sharing).
+    #: Whether the server process can recover the sum (True for ``none`` and secret sharing,
+    #: once the helper aggregators, if any, have answered their stages).
     server_can_recover: ClassVar[bool]
+    #: Helper aggregators that must answer this mechanism's helper stages every round, by name.
+    helpers: tuple[str, ...] = ()
 
     @abstractmethod
     def server_round(self, ctx: RoundContext) -> ServerAggregator: ...
@@ -162,6 +189,10 @@ class Mechanism(ABC):
     def recover(self, aggregate: Payload, ctx: RoundContext) -> np.ndarray:
         """The sum of the survivors' contributions (a float array the caller may modify in place),
         or a piece's values for a piece from :meth:`split`; raises :class:`RecoveryError`."""
+
+    def helper_round(self, job: str, server_round: int, helper: str) -> HelperRound:
+        """Helper aggregator ``helper``'s half of a round (runs in the helper's process)."""
+        raise NotImplementedError(f"mechanism {self.name!r} has no helper aggregators")
 
     def finalize(self, summed: np.ndarray, ctx: RoundContext) -> np.ndarray:
         """Server-side processing of the recovered sum before averaging (central DP noise)."""

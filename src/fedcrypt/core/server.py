@@ -92,12 +92,18 @@ class Server:
         transport: Transport,
         seed: int = 0,
         evaluate: Evaluator | None = None,
+        helpers: Transport | None = None,
     ) -> None:
+        if mechanism.helpers and helpers is None:
+            raise ValueError(
+                f"mechanism {mechanism.name!r} needs its helper aggregators ({', '.join(mechanism.helpers)})"
+            )
         self.job = job
         self.strategy = strategy
         self.mechanism = mechanism
         self.params = np.asarray(params, dtype=np.float32).copy()
         self.transport = transport
+        self.helpers = helpers
         self.evaluate = evaluate
         self._sampler = np.random.default_rng(seed)
 
@@ -135,15 +141,20 @@ class Server:
         self._sampler.bit_generator.state = sampler
 
     def shutdown(self, recipients: list[str] | None = None) -> list[str]:
-        """Tell clients (default: all available) the job is over; returns those that acknowledged."""
+        """Tell clients and helper aggregators (default: all available) the job is over;
+        returns those that acknowledged."""
         message = to_bytes(Shutdown(0), job=self.job, sender=SERVER_NAME)
         acknowledged: list[str] = []
-        self.transport.exchange(
-            self.transport.available() if recipients is None else recipients,
-            lambda _: message,
-            lambda client, _: acknowledged.append(client),
-            lambda *_: None,
-        )
+        for transport in (self.transport, self.helpers):
+            if transport is None:
+                continue
+            available = transport.available()
+            transport.exchange(
+                available if recipients is None else [name for name in recipients if name in available],
+                lambda _: message,
+                lambda client, _: acknowledged.append(client),
+                lambda *_: None,
+            )
         return acknowledged
 
     def _run_round(self, server_round: int, record: RoundRecord) -> None:
@@ -182,6 +193,9 @@ class Server:
         survivors = self._exchange(participants, fit_request, FitRes, on_fit, server_round, record)
         aggregator.close_stage(first_stage, survivors)
         for stage in later_stages:
+            if stage in aggregator.helper_stages:
+                self._helper_stage(aggregator, stage, server_round, record)
+                continue
 
             def stage_request(client: str, stage: str = stage) -> bytes:
                 return self._send(StageIns(server_round, stage, aggregator.request(stage, client)), record)
@@ -215,6 +229,29 @@ class Server:
         weighted = [(loss, n) for loss, n in losses if np.isfinite(loss)]
         if weighted:
             record.train_loss = sum(loss * n for loss, n in weighted) / sum(n for _, n in weighted)
+
+    def _helper_stage(self, aggregator: ServerAggregator, stage: str, server_round: int, record: RoundRecord) -> None:
+        """One stage answered by every helper aggregator (additive sharing); they work in
+        parallel, so the slowest one's seconds count towards ``aggregate_seconds``."""
+        assert self.helpers is not None
+        slowest = 0.0
+
+        def request(helper: str) -> bytes:
+            return self._send(StageIns(server_round, stage, aggregator.request(stage, helper)), record)
+
+        def on_reply(helper: str, payload: Message) -> None:
+            nonlocal slowest
+            assert isinstance(payload, StageRes)
+            if payload.stage != stage:
+                raise PayloadRejected(f"answered stage {payload.stage!r} during {stage!r}")
+            self._fold(aggregator, stage, helper, payload, record)
+            slowest = max(slowest, payload.seconds)
+
+        answered = self._exchange(
+            list(self.mechanism.helpers), request, StageRes, on_reply, server_round, record, self.helpers
+        )
+        record.aggregate_seconds += slowest
+        aggregator.close_stage(stage, answered)
 
     def _recover_by_key_holder(
         self, aggregate: Payload, ctx: RoundContext, survivors: list[str], record: RoundRecord
@@ -273,8 +310,10 @@ class Server:
         on_message: Callable[[str, Message], None],
         server_round: int,
         record: RoundRecord,
+        transport: Transport | None = None,
     ) -> list[str]:
-        """One stage's fan-out; returns the clients whose replies were accepted, in order."""
+        """One stage's fan-out (to clients, or over ``transport`` to helper aggregators); returns
+        the senders whose replies were accepted, in order."""
         accepted: list[str] = []
 
         def fail(client: str, reason: str) -> None:
@@ -300,7 +339,7 @@ class Server:
                 return fail(client, f"payload rejected: {exc}")
             accepted.append(client)
 
-        self.transport.exchange(recipients, make_request, on_reply, fail)
+        (transport or self.transport).exchange(recipients, make_request, on_reply, fail)
         return accepted
 
     def _fold(

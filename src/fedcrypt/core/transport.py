@@ -40,3 +40,28 @@ class Transport(ABC):
 
     def close(self) -> None:
         """Release connections; the default has none."""
+
+
+class Subset(Transport):
+    """The peers of another transport that ``member`` accepts: one gRPC server carries both
+    clients and helper aggregators, and the server asks each group through its own view."""
+
+    def __init__(self, transport: Transport, member: Callable[[str], bool]) -> None:
+        self.transport = transport
+        self.member = member
+
+    def available(self) -> list[str]:
+        return [name for name in self.transport.available() if self.member(name)]
+
+    def exchange(
+        self,
+        recipients: Sequence[str],
+        make_request: Callable[[str], Outbound],
+        on_reply: Callable[[str, Inbound], None],
+        on_failure: Callable[[str, str], None],
+    ) -> None:
+        chosen = [name for name in recipients if self.member(name)]
+        for name in recipients:
+            if not self.member(name):
+                on_failure(name, "not a member of this group")
+        self.transport.exchange(chosen, make_request, on_reply, on_failure)

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedcrypt.core.mechanism import Mechanism
-from fedcrypt.core.params import ParamSpec
 from fedcrypt.crypto.ckks import PRESETS, PublicParams, SecretKey
 from fedcrypt.crypto.paillier import PrivateKey, PublicKey, generate_keypair
 from fedcrypt.mechanisms import paillier as paillier_keys
@@ -19,6 +21,10 @@ from fedcrypt.mechanisms.paillier import PaillierMechanism
 from fedcrypt.mechanisms.plaintext import PlaintextMechanism
 from fedcrypt.mechanisms.secagg import SecAggMechanism
 from fedcrypt.mechanisms.selective import SelectiveCkksMechanism
+from fedcrypt.mechanisms.shares import SharesMechanism, helper_names, load_helper_public, load_helper_secret
+
+if TYPE_CHECKING:
+    from fedcrypt.core.params import ParamSpec  # imports PyTorch, which helper processes do without
 
 MECHANISMS: tuple[str, ...] = (
     PlaintextMechanism.name,
@@ -26,6 +32,7 @@ MECHANISMS: tuple[str, ...] = (
     PaillierMechanism.name,
     BatchCryptMechanism.name,
     SecAggMechanism.name,
+    SharesMechanism.name,
 )
 
 
@@ -70,6 +77,7 @@ class Options:
     bits: int = 16
     neighbors: int | None = None
     threshold: float = 0.5
+    aggregators: int = 2
 
 
 def _paillier(
@@ -99,12 +107,44 @@ def build_mechanism(name: str, options: Options = Options()) -> Mechanism:
     return mechanism
 
 
+def helpers_of(name: str, options: Options = Options()) -> tuple[str, ...]:
+    """The helper aggregators a mechanism needs besides the server (``shares``: ``k - 1``)."""
+    _check(name)
+    return helper_names(options.aggregators) if name == SharesMechanism.name else ()
+
+
+def helper_mechanism(
+    name: str, *, helper: str, key_dir: Path | None, options: Options, min_clients: int
+) -> SharesMechanism:
+    """A helper aggregator's instance with its secret key, from ``key_dir`` or fresh (simulation).
+    It refuses to sum fewer than ``min_clients`` clients' shares."""
+    helpers = helpers_of(name, options)
+    if helper not in helpers:
+        raise ValueError(f"{helper!r} is not a helper aggregator of this job; its helpers: {', '.join(helpers) or 'none'}")
+    key = load_helper_secret(key_dir, helper) if key_dir is not None else X25519PrivateKey.generate()
+    return SharesMechanism(helpers, helper_key=key, min_clients=min_clients)
+
+
 def simulation_mechanisms(
-    name: str, *, key_dir: Path | None, spec: ParamSpec | None = None, options: Options = Options()
+    name: str,
+    *,
+    key_dir: Path | None,
+    spec: ParamSpec | None = None,
+    options: Options = Options(),
+    helper_keys: dict[str, bytes] | None = None,
 ) -> tuple[Mechanism, Mechanism]:
     """(server's instance, clients' instance) for one process. Without ``key_dir`` an HE
-    mechanism gets a fresh key for this run; the server's instance still holds no secret."""
+    mechanism gets a fresh key for this run; the server's instance still holds no secret.
+    ``shares`` takes its helper aggregators' public keys from ``helper_keys`` (the simulation's
+    helper processes made them) or from ``key_dir``."""
     _check(name)
+    if name == SharesMechanism.name:
+        helpers = helper_names(options.aggregators)
+        if helper_keys is None:
+            if key_dir is None:
+                raise ValueError("shares needs the helper aggregators' public keys")
+            helper_keys = load_helper_public(key_dir, helpers)
+        return SharesMechanism(helpers), SharesMechanism(helpers, helper_keys=helper_keys)
     keyless = _keyless(name, options)
     if keyless is not None:
         return keyless, keyless
@@ -125,6 +165,8 @@ def server_mechanism(
 ) -> Mechanism:
     """The deployed server's instance: public parameters only."""
     _check(name)
+    if name == SharesMechanism.name:
+        return SharesMechanism(helper_names(options.aggregators))
     keyless = _keyless(name, options)
     if keyless is not None:
         return keyless
@@ -144,7 +186,13 @@ def client_mechanism(
     if keyless is not None:
         return keyless
     if key_dir is None:
-        raise ValueError(f"mechanism {name!r} needs --keys DIR with the key authority's secret file")
+        raise ValueError(
+            f"mechanism {name!r} needs --keys DIR with "
+            + ("the helper aggregators' public files" if name == SharesMechanism.name else "the key authority's secret file")
+        )
+    if name == SharesMechanism.name:
+        helpers = helper_names(options.aggregators)
+        return SharesMechanism(helpers, helper_keys=load_helper_public(key_dir, helpers))
     if name in _PAILLIER_FAMILY:
         private = paillier_keys.load_secret(key_dir)
         return _paillier(name, private.public, private, spec, options)
@@ -162,8 +210,11 @@ __all__ = [
     "SecAggMechanism",
     "Selection",
     "SelectiveCkksMechanism",
+    "SharesMechanism",
     "build_mechanism",
     "client_mechanism",
+    "helper_mechanism",
+    "helpers_of",
     "server_mechanism",
     "simulation_mechanisms",
 ]

@@ -24,6 +24,7 @@ from fedcrypt.core.mechanism import (
     AggregatePiece,
     BudgetSpent,
     ClientProtector,
+    HelperRound,
     LocalModel,
     Mechanism,
     PayloadRejected,
@@ -49,6 +50,7 @@ class DpMechanism(Mechanism):
         self.inner = inner
         self.name = inner.name  # type: ignore[misc]
         self.server_can_recover = inner.server_can_recover  # type: ignore[misc]
+        self.helpers = inner.helpers
         self.settings = settings
         self.sampling = sampled / clients
         self.min_clients = min_clients
@@ -90,6 +92,9 @@ class DpMechanism(Mechanism):
 
     def client_round(self, ctx: RoundContext, client: str, local: LocalModel | None = None) -> ClientProtector:
         return _Protector(self.inner.client_round(ctx, client, local), self)
+
+    def helper_round(self, job: str, server_round: int, helper: str) -> HelperRound:
+        return self.inner.helper_round(job, server_round, helper)
 
     def recover(self, aggregate: Payload, ctx: RoundContext) -> np.ndarray:
         return self.inner.recover(aggregate, ctx)
@@ -133,6 +138,10 @@ class _Aggregator(ServerAggregator):
     @property
     def stages(self) -> tuple[str, ...]:
         return self._inner.stages
+
+    @property
+    def helper_stages(self) -> frozenset[str]:
+        return self._inner.helper_stages
 
     def request(self, stage: str, client: str) -> Payload:
         payload = self._inner.request(stage, client)

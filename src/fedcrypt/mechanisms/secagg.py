@@ -37,12 +37,8 @@ from typing import ClassVar
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
 from fedcrypt.core.mechanism import (
     ClientProtector,
@@ -55,54 +51,21 @@ from fedcrypt.core.mechanism import (
 )
 from fedcrypt.core.messages import Payload
 from fedcrypt.core.wire import WINDOW
-from fedcrypt.crypto import shamir
+from fedcrypt.crypto import agreement, ring, shamir
+from fedcrypt.crypto.agreement import KEY_BYTES, private_bytes as _private_bytes, public_bytes as _public_bytes
+from fedcrypt.crypto.agreement import usable_public_key as _usable_public_key
 
 log = logging.getLogger(__name__)
 
 ADVERTISE, SHARE, MASK, UNMASK = "advertise", "share", "mask", "unmask"
 STAGES = (ADVERTISE, SHARE, MASK, UNMASK)
-KEY_BYTES = 32
 _NONCE_BYTES = 12
 SEALED_BYTES = _NONCE_BYTES + 2 * shamir.SHARE_BYTES + 16  # nonce, two shares, GCM tag
-#: Fixed-point scale of the ring encoding: values are ``round(x * 2^FRAC_BITS) mod 2^64``.
-FRAC_BITS = 24
-
-
-class _Keystream:
-    """AES-256-CTR keystreams of ``count`` words into one reused buffer (no allocation per mask)."""
-
-    def __init__(self, count: int) -> None:
-        self.count = count
-        self._zeros = bytes(8 * count)
-        self._out = bytearray(8 * count + 16)  # update_into wants a block of slack
-
-    def words(self, seed: bytes) -> np.ndarray:
-        """The keystream of ``seed`` as uint64 words; valid until the next call."""
-        Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor().update_into(self._zeros, self._out)
-        return np.frombuffer(self._out, dtype=np.uint64, count=self.count)
 
 
 def _agree(private: X25519PrivateKey, public: bytes, purpose: bytes) -> bytes:
-    """A 32-byte key from X25519 agreement, separated by purpose (HKDF-SHA256)."""
-    shared = private.exchange(X25519PublicKey.from_public_bytes(public))
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"fedcrypt-secagg/" + purpose).derive(shared)
-
-
-def _public_bytes(private: X25519PrivateKey) -> bytes:
-    return private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-
-
-def _private_bytes(private: X25519PrivateKey) -> bytes:
-    return private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
-
-
-def _usable_public_key(data: bytes) -> bool:
-    """A 32-byte X25519 public key that is not of low order (agreement with it fails)."""
-    try:
-        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(data))
-    except ValueError:
-        return False
-    return True
+    """A 32-byte key from X25519 agreement, separated by purpose."""
+    return agreement.agree(private, public, b"fedcrypt-secagg/" + purpose)
 
 
 def _commitment(seed: bytes, ctx: RoundContext, client: str) -> bytes:
@@ -166,7 +129,7 @@ class SecAggMechanism(Mechanism):
         total = aggregate.arrays.get("sum")
         if total is None or total.dtype != np.int64 or total.shape != (ctx.vector_size,):
             raise RecoveryError("secagg aggregate has no int64 sum of the expected size")
-        return (np.asarray(total, dtype=np.float64) / 2.0**FRAC_BITS).astype(np.float32)
+        return ring.decode(total)
 
 
 # --- server -----------------------------------------------------------------------------------
@@ -338,7 +301,7 @@ class _Aggregator(ServerAggregator):
             removals += [
                 (_agree(private, self._s_keys[i], b"mask"), _sign(i, j)) for i in self._graph[j] if i in self._masked
             ]
-        stream = _Keystream(self._ctx.vector_size)  # every secret checked before the sum changes
+        stream = ring.Keystream(self._ctx.vector_size)  # every secret checked before the sum changes
         for seed, sign in removals:
             (np.subtract if sign > 0 else np.add)(self._sum, stream.words(seed), out=self._sum)
         self._dropped_after_sharing = len(dropped)
@@ -457,7 +420,7 @@ class _Protector(ClientProtector):
             self._held[j] = (shamir.from_bytes(plaintext[:size]), shamir.from_bytes(plaintext[size:]))
         self._senders = senders
         masked = self._encode(contribution)
-        stream = _Keystream(masked.shape[0])
+        stream = ring.Keystream(masked.shape[0])
         masked += stream.words(self._seed)
         for j in senders:
             mask = stream.words(_agree(self._s_key, self._s_public[j], b"mask"))
@@ -465,15 +428,10 @@ class _Protector(ClientProtector):
         return Payload({"unverified": sorted(set(senders) - set(self._held))}, {"y": masked})
 
     def _encode(self, contribution: np.ndarray) -> np.ndarray:
-        """``round(x * 2^FRAC_BITS) mod 2^64``, refusing values whose sum could wrap."""
-        values = np.asarray(contribution, dtype=np.float64)
-        if not np.isfinite(values).all():
-            raise ValueError("the contribution contains NaN/Inf")
-        bound = 2.0 ** (62 - FRAC_BITS) / max(len(self._ctx.participants), 1)
-        peak = float(np.abs(values).max()) if values.size else 0.0
-        if peak >= bound:
-            raise ValueError(f"contribution values up to {peak:.3g} could overflow the ring's sum (limit {bound:.3g})")
-        return np.rint(values * 2.0**FRAC_BITS).astype(np.int64).view(np.uint64)
+        try:
+            return ring.encode(contribution, len(self._ctx.participants))
+        except ring.RingOverflow as exc:
+            raise ValueError(f"cannot mask the contribution: {exc}") from None
 
     def _reveal(self, request: Payload) -> Payload:
         survivors = _names(request.meta.get("survivors"), "survivors")

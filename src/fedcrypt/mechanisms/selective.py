@@ -29,7 +29,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
@@ -43,10 +43,12 @@ from fedcrypt.core.mechanism import (
     ServerAggregator,
 )
 from fedcrypt.core.messages import Payload
-from fedcrypt.core.params import ParamSpec
 from fedcrypt.core.wire import WINDOW
 from fedcrypt.crypto.ckks import PublicParams, SecretKey
 from fedcrypt.mechanisms.ckks import CkksMechanism
+
+if TYPE_CHECKING:
+    from fedcrypt.core.params import ParamSpec  # imports PyTorch, which helper processes do without
 
 log = logging.getLogger(__name__)
 
