@@ -1,10 +1,11 @@
-"""MNIST FedAvg with plaintext, CKKS, selective CKKS, BatchCrypt and SecAgg+ updates: accuracy and cost.
+"""MNIST FedAvg with plaintext, CKKS, selective CKKS, BatchCrypt, SecAgg+ and additive-share updates:
+accuracy and cost.
 
 Runs ``examples/mnist.toml``, ``examples/mnist_ckks.toml``, ``examples/mnist_ckks_selective.toml``
-``examples/mnist_batchcrypt.toml`` at 16 and 8 bits and ``examples/mnist_secagg.toml`` (the same
-data split, model, seeds and rounds) in simulation and reports final accuracy, its
-difference to plaintext FedAvg, bytes uploaded and the time split per phase. Needs the MNIST IDX
-files (``FEDCRYPT_DATA``).
+``examples/mnist_batchcrypt.toml`` at 16 and 8 bits, ``examples/mnist_secagg.toml`` and
+``examples/mnist_shares.toml`` (the same data split, model, seeds and rounds) in simulation and
+reports final accuracy, its difference to plaintext FedAvg, bytes uploaded and the time split per
+phase. Needs the MNIST IDX files (``FEDCRYPT_DATA``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ JOBS: dict[str, tuple[str, dict[str, Any]]] = {
     "batchcrypt 16 bits": ("mnist_batchcrypt.toml", {}),
     "batchcrypt 8 bits": ("mnist_batchcrypt.toml", {"bits": 8}),
     "secagg": ("mnist_secagg.toml", {}),
+    "shares": ("mnist_shares.toml", {}),
 }
 
 

@@ -119,7 +119,7 @@ def serve(
     start = 1
     if resume:
         checkpoint = load_checkpoint(run_dir.checkpoint_path, digest)
-        server.restore(checkpoint.params, checkpoint.strategy_state, checkpoint.sampler_state)
+        server.restore(checkpoint.params, checkpoint.strategy_state, checkpoint.sampler_state, checkpoint.mechanism_state)
         run_dir.keep_rounds(checkpoint.round)
         start = checkpoint.round + 1
         log.info("resuming %s after round %d", job.job.name, checkpoint.round)
@@ -150,7 +150,9 @@ def serve(
                 log.warning("stopping: %s", exc)
                 break
             run_dir.append_round(record)
-            save_checkpoint(run_dir.checkpoint_path, Checkpoint(server_round, *server.snapshot(), digest))
+            params, strategy_state, sampler_state, mechanism_state = server.snapshot()
+            checkpoint = Checkpoint(server_round, params, strategy_state, sampler_state, digest, mechanism_state)
+            save_checkpoint(run_dir.checkpoint_path, checkpoint)
             history.append(record)
             if on_round:
                 on_round(record)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -10,6 +12,7 @@ from fedcrypt.core.messages import Payload
 from fedcrypt.dp import DpSettings, epsilon_after
 from fedcrypt.mechanisms import PlaintextMechanism, SecAggMechanism
 from fedcrypt.mechanisms.dp import DpMechanism
+from fedcrypt.tracking.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 
 SIZE = 40_001
 
@@ -93,6 +96,22 @@ def test_adaptive_clipping_moves_the_bound_to_the_target_quantile_of_norms() -> 
     aggregator = mechanism.server_round(RoundContext("job", 41, names, SIZE))
     with pytest.raises(PayloadRejected, match="clip bit"):
         aggregator.fold("protect", "0", Payload(arrays={"vector": np.zeros(SIZE, np.float32)}))
+
+
+def test_the_adaptive_bound_survives_a_checkpoint_and_a_bad_one_is_refused(tmp_path: Path) -> None:
+    settings = DpSettings("central", clip_norm=100.0, noise_multiplier=0.0, delta=1e-5, adaptive=True)
+    mechanism = DpMechanism(PlaintextMechanism(), settings, clients=10, sampled=10, min_clients=10, rounds=100)
+    mechanism.adapt(unclipped=10, clients=10)  # every update was under the bound: it shrinks
+    assert mechanism.clip_norm < 100.0
+    path = tmp_path / "checkpoint.npz"
+    save_checkpoint(path, Checkpoint(3, np.zeros(2, np.float32), {}, {}, "d", mechanism.state()))
+    resumed = DpMechanism(PlaintextMechanism(), settings, clients=10, sampled=10, min_clients=10, rounds=100)
+    resumed.load_state(load_checkpoint(path, "d").mechanism_state)
+    assert resumed.clip_norm == mechanism.clip_norm
+    with pytest.raises(ValueError, match="not a positive number"):
+        resumed.load_state({"dp_clip_norm": -1.0})
+    with pytest.raises(ValueError, match="keeps no state across rounds"):
+        PlaintextMechanism().load_state({"dp_clip_norm": 1.0})  # a checkpoint of another mechanism
 
 
 def test_the_count_query_takes_its_share_of_the_noise() -> None:

@@ -201,6 +201,15 @@ class Mechanism(ABC):
     def check_budget(self, server_round: int) -> None:
         """Raise :class:`BudgetSpent` if round ``server_round`` must not run."""
 
+    def state(self) -> dict[str, float]:
+        """What the server's instance learned across rounds and a checkpoint must keep (default: nothing)."""
+        return {}
+
+    def load_state(self, state: dict[str, float]) -> None:
+        """Continue from :meth:`state` of a checkpoint; raises ``ValueError`` for a state it does not know."""
+        if state:
+            raise ValueError(f"mechanism {self.name!r} keeps no state across rounds, the checkpoint has {sorted(state)}")
+
     def split(self, aggregate: Payload, ctx: RoundContext, pieces: int) -> list[AggregatePiece]:
         """The aggregate cut into at most ``pieces`` parts, so that several key holders recover it
         in parallel (each decrypts only its part). By default it stays whole."""

@@ -124,21 +124,29 @@ class Server:
         record.seconds = time.perf_counter() - started
         return record
 
-    def snapshot(self) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, Any]]:
-        """What a checkpoint must hold to continue exactly: model, strategy state, sampler state.
+    def snapshot(self) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, Any], dict[str, float]]:
+        """What a checkpoint must hold to continue exactly: model, strategy state, sampler state
+        and the mechanism's state (e.g. DP's adaptive clip norm).
 
         The model is a read-only view, not a copy (a checkpoint is written between rounds).
         """
         params = self.params.view()
         params.flags.writeable = False
-        return params, self.strategy.state(), self._sampler.bit_generator.state
+        return params, self.strategy.state(), self._sampler.bit_generator.state, self.mechanism.state()
 
-    def restore(self, params: np.ndarray, strategy_state: dict[str, np.ndarray], sampler: dict[str, Any]) -> None:
+    def restore(
+        self,
+        params: np.ndarray,
+        strategy_state: dict[str, np.ndarray],
+        sampler: dict[str, Any],
+        mechanism_state: dict[str, float],
+    ) -> None:
         if params.shape != self.params.shape:
             raise ValueError(f"checkpoint model has {params.shape[0]} parameters, the job's has {self.params.shape[0]}")
         self.params = np.asarray(params, dtype=np.float32).copy()
         self.strategy.load_state(strategy_state)
         self._sampler.bit_generator.state = sampler
+        self.mechanism.load_state(mechanism_state)
 
     def shutdown(self, recipients: list[str] | None = None) -> list[str]:
         """Tell clients and helper aggregators (default: all available) the job is over;

@@ -77,6 +77,18 @@ class DpMechanism(Mechanism):
         s = self.settings
         return epsilon_after(rounds, s.noise_multiplier, self.sampling, s.delta, s.noise)
 
+    def state(self) -> dict[str, float]:
+        return {**self.inner.state(), CLIP_KEY: self.clip_norm} if self.settings.adaptive else self.inner.state()
+
+    def load_state(self, state: dict[str, float]) -> None:
+        state = dict(state)
+        if self.settings.adaptive and CLIP_KEY in state:
+            clip_norm = state.pop(CLIP_KEY)
+            if not isinstance(clip_norm, (int, float)) or isinstance(clip_norm, bool) or not 0 < clip_norm < float("inf"):
+                raise ValueError(f"the checkpoint's adaptive clip norm {clip_norm!r} is not a positive number")
+            self.clip_norm = float(clip_norm)
+        self.inner.load_state(state)
+
     def check_budget(self, server_round: int) -> None:
         if self.round_limit is not None and server_round > self.round_limit:
             s = self.settings

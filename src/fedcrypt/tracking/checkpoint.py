@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ class Checkpoint:
     strategy_state: dict[str, np.ndarray]
     sampler_state: dict[str, Any]
     job_digest: str
+    mechanism_state: dict[str, float] = field(default_factory=dict)
 
 
 def job_digest(job_toml: str) -> str:
@@ -40,6 +41,7 @@ def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
         "round": checkpoint.round,
         "sampler_state": checkpoint.sampler_state,
         "job_digest": checkpoint.job_digest,
+        "mechanism_state": checkpoint.mechanism_state,
     }
     arrays = {f"strategy.{k}": v for k, v in checkpoint.strategy_state.items()}
     tmp = path.with_name(path.name + ".tmp")
@@ -58,7 +60,12 @@ def load_checkpoint(path: Path, expected_digest: str) -> Checkpoint:
             meta = json.loads(data["meta"].tobytes())
             params = data["params"].astype(np.float32)
             strategy = {k.removeprefix("strategy."): data[k] for k in data.files if k.startswith("strategy.")}
-        checkpoint = Checkpoint(int(meta["round"]), params, strategy, meta["sampler_state"], str(meta["job_digest"]))
+        mechanism_state = meta.get("mechanism_state", {})
+        if not isinstance(mechanism_state, dict):
+            raise ValueError("mechanism_state is not a mapping")
+        checkpoint = Checkpoint(
+            int(meta["round"]), params, strategy, meta["sampler_state"], str(meta["job_digest"]), mechanism_state
+        )
     except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
         raise CheckpointError(f"checkpoint {path} is unreadable: {exc}") from None
     if checkpoint.job_digest != expected_digest:
