@@ -300,9 +300,50 @@ def test_key_holders_decrypt_pieces_in_parallel_and_a_failed_piece_goes_to_anoth
     np.testing.assert_allclose(rerun, honest, atol=1e-6)
 
 
-def test_secagg_simulation_equals_plaintext_fedavg_and_survives_a_dropout() -> None:
+def _vanishing_secagg(stage: str):  # type: ignore[no-untyped-def]
+    """A SecAgg+ client that answers every stage up to ``stage``, then never again."""
     from fedcrypt.mechanisms import SecAggMechanism
 
+    class Vanishing(SecAggMechanism):
+        def client_round(self, ctx, client, local=None):  # type: ignore[no-untyped-def]
+            protector = super().client_round(ctx, client, local)
+            respond = protector.respond
+
+            def vanish(current, request, contribution):  # type: ignore[no-untyped-def]
+                if current == stage:
+                    raise RuntimeError("connection lost")
+                return respond(current, request, contribution)
+
+            protector.respond = vanish  # type: ignore[method-assign]
+            return protector
+
+    return Vanishing()
+
+
+def _secagg_round(clients: int, vanishing: dict[str, str]):  # type: ignore[no-untyped-def]
+    """One SecAgg+ round among ``clients`` clients on digits; ``vanishing`` maps a client to the
+    stage at which it drops. Returns the record and the parameters before and after."""
+    from fedcrypt.mechanisms import SecAggMechanism
+
+    small = load_job(QUICKSTART).with_overrides(job={"rounds": 1}, data={"num_clients": clients},
+                                                strategy={"min_fit_clients": 2})
+    dataset = load_dataset("digits")
+    trainer = build_trainer(small, dataset)
+    x, y = train_tensors(dataset)
+    mechanism = SecAggMechanism()
+    names = "abcdefgh"[:clients]
+    clients_by_name = {
+        name: Client(name, small.job.name, trainer, ClientData(x, y, torch.from_numpy(part)),
+                     _vanishing_secagg(vanishing[name]) if name in vanishing else mechanism)
+        for name, part in zip(names, partition_clients(small, dataset))
+    }
+    before = trainer.initial_params().copy()
+    server = Server(job=small.job.name, strategy=FedAvg(min_fit_clients=2), mechanism=mechanism, params=before,
+                    transport=InProcessTransport(clients_by_name))
+    return server.run_round(1), before, server.params
+
+
+def test_secagg_simulation_equals_plaintext_fedavg_and_survives_dropouts() -> None:
     job = fedcrypt.load_job(QUICKSTART).with_overrides(job={"rounds": 2}, model={"name": "logreg"})
     plain = fedcrypt.simulate(job)
     masked = fedcrypt.simulate(job.with_overrides(privacy={"mechanism": "secagg", "neighbors": 4}))
@@ -310,37 +351,14 @@ def test_secagg_simulation_equals_plaintext_fedavg_and_survives_a_dropout() -> N
     assert masked.history[0].mechanism["secagg_neighbors"] == 4
     np.testing.assert_allclose(masked.params, plain.params, atol=1e-6)  # fixed point at 2^-24
 
-    small = load_job(QUICKSTART).with_overrides(job={"rounds": 1}, data={"num_clients": 4}, strategy={"min_fit_clients": 2})
-    dataset = load_dataset("digits")
-    trainer = build_trainer(small, dataset)
-    x, y = train_tensors(dataset)
-
-    class Vanishing(SecAggMechanism):  # shares its secrets, then never sends its masked vector
-        def client_round(self, ctx, client, local=None):  # type: ignore[no-untyped-def]
-            protector = super().client_round(ctx, client, local)
-            respond = protector.respond
-
-            def vanish(stage, request, contribution):  # type: ignore[no-untyped-def]
-                if stage == "mask":
-                    raise RuntimeError("connection lost")
-                return respond(stage, request, contribution)
-
-            protector.respond = vanish  # type: ignore[method-assign]
-            return protector
-
-    mechanism = SecAggMechanism()
-    clients = {
-        name: Client(name, small.job.name, trainer, ClientData(x, y, torch.from_numpy(part)),
-                     Vanishing() if name == "d" else mechanism)
-        for name, part in zip("abcd", partition_clients(small, dataset))
-    }
-    before = trainer.initial_params().copy()
-    server = Server(job=small.job.name, strategy=FedAvg(min_fit_clients=2), mechanism=mechanism, params=before,
-                    transport=InProcessTransport(clients))
-    record = server.run_round(1)
-    assert record.status == "ok" and "connection lost" in record.failures["d"]
+    record, before, after = _secagg_round(4, {"d": "mask"})  # shares its secrets, never sends its vector
+    assert record.status == "ok" and "connection lost" in record.failures["d"] and record.succeeded == 3
     assert record.mechanism["secagg_dropped_after_sharing"] == 1  # its pairwise masks were removed
-    assert np.isfinite(server.params).all() and np.abs(server.params - before).max() < 5
+    assert np.isfinite(after).all() and np.abs(after - before).max() < 5
+
+    record, _, _ = _secagg_round(5, {"e": "unmask"})  # its masked vector is in the sum, then it drops
+    assert record.status == "ok" and "connection lost" in record.failures["e"]
+    assert record.succeeded == 5  # the sum holds five contributions, though four clients unmasked
 
 
 def test_a_dp_job_reports_epsilon_per_round_and_stops_when_its_budget_is_spent(tmp_path: Path) -> None:

@@ -127,6 +127,11 @@ class ServerAggregator(ABC):
     def close_stage(self, stage: str, survivors: Sequence[str]) -> None:
         """Called once a stage's replies are in; ``survivors`` answered it successfully."""
 
+    def contributors(self) -> int | None:
+        """How many clients' contributions the aggregate holds, where that differs from the
+        survivors of the last client stage (SecAgg+: a client can drop after its masked vector)."""
+        return None
+
     @property
     def helper_stages(self) -> frozenset[str]:
         """Stages answered by the mechanism's helper aggregators (every one) instead of the clients;

@@ -217,10 +217,11 @@ class Server:
 
             survivors = self._exchange(survivors, stage_request, StageRes, on_stage, server_round, record)
             aggregator.close_stage(stage, survivors)
-        record.succeeded = len(survivors)
-        if len(survivors) < self.strategy.min_fit_clients:
+        contributors = aggregator.contributors()
+        record.succeeded = len(survivors) if contributors is None else contributors
+        if record.succeeded < self.strategy.min_fit_clients:
             raise RecoveryError(
-                f"only {len(survivors)} of {len(participants)} clients succeeded, "
+                f"only {record.succeeded} of {len(participants)} clients succeeded, "
                 f"min_fit_clients is {self.strategy.min_fit_clients}"
             )
         recover_started = time.perf_counter()

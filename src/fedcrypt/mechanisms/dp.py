@@ -155,6 +155,9 @@ class _Aggregator(ServerAggregator):
     def helper_stages(self) -> frozenset[str]:
         return self._inner.helper_stages
 
+    def contributors(self) -> int | None:
+        return self._inner.contributors()
+
     def request(self, stage: str, client: str) -> Payload:
         payload = self._inner.request(stage, client)
         if stage == self._first and self._mechanism.settings.adaptive:

@@ -319,6 +319,9 @@ class _Aggregator(ServerAggregator):
         except shamir.ShamirError as exc:
             raise RecoveryError(f"secagg: {what} of {client}: {exc}") from None
 
+    def contributors(self) -> int | None:
+        return len(self._masked) if self._unmasked else None
+
     def finish(self) -> Payload:
         if not self._unmasked or not self._masked:
             raise RecoveryError("secagg: the round did not reach the unmask stage")
