@@ -165,28 +165,33 @@ def _build(config: JobConfig, dataset: Dataset, trainer: LocalTrainer) -> Server
     privacy = config.privacy
     key_dir = Path(privacy.keys) if privacy.keys else None
     helpers, helper_keys = start_helpers(config, key_dir) if helpers_of(privacy.mechanism, privacy.options) else (None, None)
-    server_side, client_side = simulation_mechanisms(
-        privacy.mechanism, key_dir=key_dir, spec=trainer.spec, options=privacy.options, helper_keys=helper_keys
-    )
-    server_side, client_side = with_dp(server_side, config), with_dp(client_side, config)
-    clients = {
-        name: Client(
-            name,
-            config.job.name,
-            trainer,
-            ClientData(x_train, y_train, torch.from_numpy(indices)),
-            client_side,
-            seed=config.job.seed,
+    try:
+        server_side, client_side = simulation_mechanisms(
+            privacy.mechanism, key_dir=key_dir, spec=trainer.spec, options=privacy.options, helper_keys=helper_keys
         )
-        for name, indices in zip(client_names(config.data.num_clients), parts)
-    }
-    return Server(
-        job=config.job.name,
-        strategy=build_strategy(config),
-        mechanism=server_side,
-        params=trainer.initial_params(),
-        transport=InProcessTransport(clients),
-        seed=config.job.seed,
-        evaluate=lambda params: trainer.evaluate(params, test),
-        helpers=helpers,
-    )
+        server_side, client_side = with_dp(server_side, config), with_dp(client_side, config)
+        clients = {
+            name: Client(
+                name,
+                config.job.name,
+                trainer,
+                ClientData(x_train, y_train, torch.from_numpy(indices)),
+                client_side,
+                seed=config.job.seed,
+            )
+            for name, indices in zip(client_names(config.data.num_clients), parts)
+        }
+        return Server(
+            job=config.job.name,
+            strategy=build_strategy(config),
+            mechanism=server_side,
+            params=trainer.initial_params(),
+            transport=InProcessTransport(clients),
+            seed=config.job.seed,
+            evaluate=lambda params: trainer.evaluate(params, test),
+            helpers=helpers,
+        )
+    except BaseException:
+        if helpers is not None:
+            helpers.close()  # do not leave the helper processes behind a failed set-up
+        raise
