@@ -31,6 +31,27 @@ class Payload:
     meta: dict[str, Any] = field(default_factory=dict)
     arrays: dict[str, Blob] = field(default_factory=dict)
 
+    def rows(self, name: str, shape: tuple[int, int], dtype: type = np.uint8) -> np.ndarray:
+        """Small array ``name`` in memory; ``ValueError`` unless it has this dtype and shape."""
+        array = self.arrays.get(name)
+        if array is None or array.dtype != dtype or array.shape != shape:
+            raise ValueError(f"{name!r} must be a {np.dtype(dtype).name} array of shape {shape}")
+        return np.asarray(array)
+
+    def vector(self, name: str, size: int, dtype: type) -> Blob:
+        """Vector ``name`` of ``size`` values (it may stay in its spool file); ``ValueError`` otherwise."""
+        vector = self.arrays.get(name)
+        if vector is None or vector.dtype != dtype or vector.shape != (size,):
+            raise ValueError(f"{name!r} must be a {np.dtype(dtype).name} vector of {size} values")
+        return vector
+
+    def names(self, key: str) -> list[str]:
+        """Metadata ``key`` as a list of distinct names; ``ValueError`` otherwise."""
+        value = self.meta.get(key)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value) or len(set(value)) != len(value):
+            raise ValueError(f"{key} must be a list of distinct names")
+        return value
+
 
 @dataclass
 class FitIns:

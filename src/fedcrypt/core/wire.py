@@ -126,6 +126,13 @@ class FileArray:
 Blob = Union[np.ndarray, FileArray]
 
 
+def add_windowed(total: np.ndarray, blob: Blob) -> None:
+    """``total += blob`` window by window, so a spooled blob is never read whole (integer
+    dtypes wrap: uint64 adds mod 2^64)."""
+    for start in range(0, total.shape[0], WINDOW):
+        total[start : start + WINDOW] += blob[start : start + WINDOW]
+
+
 @dataclass(frozen=True)
 class Envelope:
     """A decoded message: routing fields, JSON metadata and named arrays."""

@@ -9,7 +9,7 @@ import numpy as np
 
 from fedcrypt.core.mechanism import OneShotMechanism, PayloadRejected, RecoveryError, RoundContext
 from fedcrypt.core.messages import Payload
-from fedcrypt.core.wire import WINDOW
+from fedcrypt.core.wire import WINDOW, add_windowed
 
 
 class PlaintextMechanism(OneShotMechanism[np.ndarray]):
@@ -44,8 +44,7 @@ class PlaintextMechanism(OneShotMechanism[np.ndarray]):
             bad += int((~np.isfinite(vector[start : start + WINDOW])).sum())
         if bad:
             raise PayloadRejected(f"update contains {bad} NaN/Inf values")
-        for start in range(0, vector.shape[0], WINDOW):
-            accumulator[start : start + WINDOW] += vector[start : start + WINDOW]
+        add_windowed(accumulator, vector)
         return accumulator
 
     def to_payload(self, accumulator: np.ndarray, ctx: RoundContext) -> Payload:

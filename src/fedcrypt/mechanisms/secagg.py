@@ -50,7 +50,7 @@ from fedcrypt.core.mechanism import (
     ServerAggregator,
 )
 from fedcrypt.core.messages import Payload
-from fedcrypt.core.wire import WINDOW
+from fedcrypt.core.wire import add_windowed
 from fedcrypt.crypto import agreement, ring, shamir
 from fedcrypt.crypto.agreement import KEY_BYTES, private_bytes as _private_bytes, public_bytes as _public_bytes
 from fedcrypt.crypto.agreement import usable_public_key as _usable_public_key
@@ -78,19 +78,6 @@ def _associated(ctx: RoundContext, sender: str, recipient: str) -> bytes:
 
 def _sign(client: str, neighbour: str) -> int:
     return 1 if client < neighbour else -1
-
-
-def _names(value: object, what: str) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"{what} must be a list of client names")
-    return value
-
-
-def _rows(payload: Payload, name: str, shape: tuple[int, int]) -> np.ndarray:
-    array = payload.arrays.get(name)
-    if array is None or array.dtype != np.uint8 or array.shape != shape:
-        raise ValueError(f"{name!r} must be a uint8 array of shape {shape}")
-    return np.asarray(array)
 
 
 class SecAggMechanism(Mechanism):
@@ -203,8 +190,8 @@ class _Aggregator(ServerAggregator):
             raise PayloadRejected(str(exc)) from None
 
     def _fold_keys(self, client: str, payload: Payload) -> None:
-        c_key = _rows(payload, "c_pk", (1, KEY_BYTES)).tobytes()
-        s_key = _rows(payload, "s_pk", (1, KEY_BYTES)).tobytes()
+        c_key = payload.rows("c_pk", (1, KEY_BYTES)).tobytes()
+        s_key = payload.rows("s_pk", (1, KEY_BYTES)).tobytes()
         if c_key == s_key or not (_usable_public_key(c_key) and _usable_public_key(s_key)):
             raise ValueError("advertised keys are equal or not usable X25519 public keys")
         known = set(self._c_keys.values()) | set(self._s_keys.values())
@@ -216,21 +203,17 @@ class _Aggregator(ServerAggregator):
         neighbours = self._graph.get(client)
         if neighbours is None:
             raise ValueError("not in this round's graph")
-        if _names(payload.meta.get("recipients"), "recipients") != neighbours:
+        if payload.names("recipients") != neighbours:
             raise ValueError("shares are not addressed to this client's neighbours")
-        sealed = _rows(payload, "shares", (len(neighbours), SEALED_BYTES))
-        commitment = _rows(payload, "commit", (1, 32)).tobytes()
+        sealed = payload.rows("shares", (len(neighbours), SEALED_BYTES))
+        commitment = payload.rows("commit", (1, 32)).tobytes()
         for recipient, row in zip(neighbours, sealed):
             self._sealed.setdefault(recipient, {})[client] = row.tobytes()
         self._commitments[client] = commitment
         self._shared.add(client)
 
     def _fold_masked(self, client: str, payload: Payload) -> None:
-        masked = payload.arrays.get("y")
-        if masked is None or masked.dtype != np.uint64 or masked.shape != (self._ctx.vector_size,):
-            raise ValueError(f"masked vector must be uint64 of shape ({self._ctx.vector_size},)")
-        for start in range(0, masked.shape[0], WINDOW):  # uint64 addition wraps: arithmetic mod 2^64
-            self._sum[start : start + WINDOW] += masked[start : start + WINDOW]
+        add_windowed(self._sum, payload.vector("y", self._ctx.vector_size, np.uint64))  # wraps: mod 2^64
         self._masked.add(client)
         unverified = payload.meta.get("unverified")
         if unverified:
@@ -238,12 +221,12 @@ class _Aggregator(ServerAggregator):
 
     def _fold_revealed(self, client: str, payload: Payload) -> None:
         expected = self.request(UNMASK, client).meta
-        survivors = _names(payload.meta.get("survivors"), "survivors")
-        dropped = _names(payload.meta.get("dropped"), "dropped")
+        survivors = payload.names("survivors")
+        dropped = payload.names("dropped")
         if not set(survivors) <= set(expected["survivors"]) or not set(dropped) <= set(expected["dropped"]):
             raise ValueError("revealed shares for clients that were not asked for")
-        b_rows = _rows(payload, "b", (len(survivors), shamir.SHARE_BYTES))
-        s_rows = _rows(payload, "s", (len(dropped), shamir.SHARE_BYTES))
+        b_rows = payload.rows("b", (len(survivors), shamir.SHARE_BYTES))
+        s_rows = payload.rows("s", (len(dropped), shamir.SHARE_BYTES))
         point = self._point[client]
         values = [(j, shamir.from_bytes(row.tobytes())) for j, row in zip(survivors, b_rows)]
         s_values = [(j, shamir.from_bytes(row.tobytes())) for j, row in zip(dropped, s_rows)]
@@ -373,19 +356,18 @@ class _Protector(ClientProtector):
         raise ValueError(f"mechanism 'secagg' has no stage {stage!r}")
 
     def _share(self, request: Payload) -> Payload:
-        neighbours = _names(request.meta.get("neighbors"), "neighbors")
+        neighbours = request.names("neighbors")
         threshold = request.meta.get("threshold")
         if (
-            len(set(neighbours)) != len(neighbours)
-            or self._client in neighbours
+            self._client in neighbours
             or not set(neighbours) <= set(self._point)
             or not isinstance(threshold, int)
             or not 2 <= threshold <= len(neighbours)
             or threshold <= len(neighbours) // 2
         ):
             raise ValueError("implausible neighbour list or threshold from the server")
-        c_keys = _rows(request, "c_pk", (len(neighbours), KEY_BYTES))
-        s_keys = _rows(request, "s_pk", (len(neighbours), KEY_BYTES))
+        c_keys = request.rows("c_pk", (len(neighbours), KEY_BYTES))
+        s_keys = request.rows("s_pk", (len(neighbours), KEY_BYTES))
         self._neighbours = neighbours
         self._c_public = {j: row.tobytes() for j, row in zip(neighbours, c_keys)}
         self._s_public = {j: row.tobytes() for j, row in zip(neighbours, s_keys)}
@@ -407,10 +389,10 @@ class _Protector(ClientProtector):
         )
 
     def _mask(self, request: Payload, contribution: np.ndarray) -> Payload:
-        senders = _names(request.meta.get("senders"), "senders")
-        if not set(senders) <= set(self._neighbours) or len(set(senders)) != len(senders):
+        senders = request.names("senders")
+        if not set(senders) <= set(self._neighbours):
             raise ValueError("shares from clients that are not this client's neighbours")
-        sealed = _rows(request, "shares", (len(senders), SEALED_BYTES))
+        sealed = request.rows("shares", (len(senders), SEALED_BYTES))
         for j, row in zip(senders, sealed):
             data = row.tobytes()
             key = _agree(self._c_key, self._c_public[j], b"share")
@@ -437,8 +419,8 @@ class _Protector(ClientProtector):
             raise ValueError(f"cannot mask the contribution: {exc}") from None
 
     def _reveal(self, request: Payload) -> Payload:
-        survivors = _names(request.meta.get("survivors"), "survivors")
-        dropped = _names(request.meta.get("dropped"), "dropped")
+        survivors = request.names("survivors")
+        dropped = request.names("dropped")
         if set(survivors) & set(dropped) or not set(survivors) | set(dropped) <= set(self._senders):
             raise ValueError("the server asked for both shares of a client, or for non-neighbours")
         survivors = [j for j in survivors if j in self._held]

@@ -55,7 +55,7 @@ from fedcrypt.core.mechanism import (
     ServerAggregator,
 )
 from fedcrypt.core.messages import Payload
-from fedcrypt.core.wire import WINDOW
+from fedcrypt.core.wire import add_windowed
 from fedcrypt.crypto import ring
 from fedcrypt.crypto.agreement import KEY_BYTES, agree, private_bytes, public_bytes, usable_public_key
 from fedcrypt.crypto.keyfiles import read_key_file, write_key_pair
@@ -80,33 +80,6 @@ def helper_names(aggregators: int) -> tuple[str, ...]:
 
 def _binding(job: str, server_round: int, client: str, helper: str) -> bytes:
     return f"fedcrypt-shares|{job}|{server_round}|{client}|{helper}".encode()
-
-
-def _names(value: object, what: str) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value) or len(set(value)) != len(value):
-        raise ValueError(f"{what} must be a list of distinct names")
-    return value
-
-
-def _rows(payload: Payload, name: str, shape: tuple[int, int]) -> np.ndarray:
-    array = payload.arrays.get(name)
-    if array is None or array.dtype != np.uint8 or array.shape != shape:
-        raise ValueError(f"{name!r} must be a uint8 array of shape {shape}")
-    return np.asarray(array)
-
-
-def _ring_vector(payload: Payload, name: str, size: int) -> np.ndarray:
-    """The uint64 vector ``name`` of ``size`` values (may stay in its spool file)."""
-    vector = payload.arrays.get(name)
-    if vector is None or vector.dtype != np.uint64 or vector.shape != (size,):
-        raise ValueError(f"{name!r} must be a uint64 vector of {size} values")
-    return vector
-
-
-def _add_into(total: np.ndarray, vector: np.ndarray) -> None:
-    """``total += vector`` mod 2^64, window by window (``vector`` may be a spooled blob)."""
-    for start in range(0, total.shape[0], WINDOW):
-        total[start : start + WINDOW] += vector[start : start + WINDOW]
 
 
 class SharesMechanism(Mechanism):
@@ -232,7 +205,7 @@ class _Aggregator(ServerAggregator):
             elif stage == PROTECT:
                 self._fold_share(sender, payload)
             elif stage == PARTIAL:
-                _add_into(self._sum, _ring_vector(payload, "sum", self._ctx.vector_size))
+                add_windowed(self._sum, payload.vector("sum", self._ctx.vector_size, np.uint64))
                 self._partials.add(sender)
             else:
                 raise ValueError(f"unexpected stage {stage!r}")
@@ -240,8 +213,8 @@ class _Aggregator(ServerAggregator):
             raise PayloadRejected(str(exc)) from None
 
     def _fold_sealed(self, client: str, payload: Payload) -> None:
-        key = _rows(payload, "key", (1, KEY_BYTES)).tobytes()
-        sealed = _rows(payload, "seeds", (len(self._mechanism.helpers), SEALED_BYTES))
+        key = payload.rows("key", (1, KEY_BYTES)).tobytes()
+        sealed = payload.rows("seeds", (len(self._mechanism.helpers), SEALED_BYTES))
         if not usable_public_key(key):
             raise ValueError("the round key is not a usable X25519 public key")
         if key in self._keys.values():
@@ -263,7 +236,7 @@ class _Aggregator(ServerAggregator):
             raise ValueError(self._refused[client])
         if client not in self._sealed:
             raise ValueError("sent a share without sealing seeds first")
-        _add_into(self._sum, _ring_vector(payload, "share", self._ctx.vector_size))
+        add_windowed(self._sum, payload.vector("share", self._ctx.vector_size, np.uint64))
         self._summed.append(client)
 
     def close_stage(self, stage: str, survivors: Sequence[str]) -> None:
@@ -370,12 +343,12 @@ class _HelperRound(HelperRound):
 
     def _open(self, request: Payload) -> Payload:
         """Open the seeds sealed for this helper; a re-run of the round starts afresh."""
-        clients = _names(request.meta.get("clients"), "clients")
+        clients = request.names("clients")
         size = request.meta.get("size")
         if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= MAX_VECTOR:
             raise ValueError(f"implausible vector size {size!r}")
-        keys = _rows(request, "keys", (len(clients), KEY_BYTES))
-        sealed = _rows(request, "seeds", (len(clients), SEALED_BYTES))
+        keys = request.rows("keys", (len(clients), KEY_BYTES))
+        sealed = request.rows("seeds", (len(clients), SEALED_BYTES))
         self._seeds, self._size = {}, size
         refused: dict[str, str] = {}
         for client, key_row, row in zip(clients, keys, sealed):
@@ -400,7 +373,7 @@ class _HelperRound(HelperRound):
         """The sum of this helper's shares of exactly the named clients, once per round."""
         if not self._size:
             raise ValueError("asked for a partial sum before opening this round's seeds")
-        clients = _names(request.meta.get("clients"), "clients")
+        clients = request.names("clients")
         unknown = sorted(set(clients) - set(self._seeds))
         if unknown:
             raise ValueError(f"asked to sum shares this helper did not open: {', '.join(unknown)}")
