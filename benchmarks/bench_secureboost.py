@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import resource
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +120,7 @@ def run_fedcrypt(data: tuple[np.ndarray, ...], params: BoostParams, bits: int) -
     cpu = _cpu_seconds() - cpu
     host_fit_seconds = host.seconds
     started = time.perf_counter()
-    scores = predict_scores(guest, X_test[:, :GUEST_FEATURES], [host], [X_test[:, GUEST_FEATURES:]])
+    scores = predict_scores(guest, X_test[:, :GUEST_FEATURES], [partial(host.route, X=X_test[:, GUEST_FEATURES:])])
     return {
         "fit_seconds": fit_seconds,
         "fit_cpu_seconds": cpu,

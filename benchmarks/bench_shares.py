@@ -30,7 +30,7 @@ from fedcrypt.core.mechanism import RoundContext
 from fedcrypt.core.messages import Payload, StageIns, StageRes, from_bytes, to_bytes
 from fedcrypt.crypto import ring
 from fedcrypt.crypto.agreement import public_bytes
-from fedcrypt.mechanisms.shares import PROTECT, SEAL, STAGES, SharesMechanism, helper_names
+from fedcrypt.mechanisms.shares import PROTECT, STAGES, SharesMechanism, helper_names
 
 
 def _through_wire(message: StageIns | StageRes) -> tuple[Payload, int]:

@@ -20,7 +20,6 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import torch
 
@@ -32,7 +31,7 @@ from fedcrypt.core.messages import JobSpec, from_bytes, to_bytes
 from fedcrypt.core.params import unflatten
 from fedcrypt.core.server import SERVER_NAME, RoundRecord, Server
 from fedcrypt.core.transport import Inbound, Subset, Transport
-from fedcrypt.core.wire import SpooledMessage, WireError
+from fedcrypt.core.wire import WireError
 from fedcrypt.data import load_dataset
 from fedcrypt.mechanisms import client_mechanism, helper_mechanism, helpers_of, server_mechanism
 from fedcrypt.models.training import ClientData
@@ -47,7 +46,7 @@ from fedcrypt.simulation import (
 from fedcrypt.tracking.checkpoint import Checkpoint, job_digest, load_checkpoint, save_checkpoint
 from fedcrypt.tracking.rundir import RunDirectory
 from fedcrypt.transport.certs import TlsFiles
-from fedcrypt.transport.grpc_client import ClientLimits, ConnectionRefused, GrpcClientConnection
+from fedcrypt.transport.grpc_client import ClientLimits, ConnectionRefused, GrpcClientConnection, answer_until_finished
 from fedcrypt.transport.grpc_server import GrpcServerTransport, ServerLimits
 
 log = logging.getLogger(__name__)
@@ -251,7 +250,7 @@ def join(
             seed=job.job.seed,
         )
         log.info("joined job %s as %s with %d examples", job.job.name, name, client.data.num_examples)
-        return _answer_until_finished(connection, client)
+        return answer_until_finished(connection, client)
     except ConnectionRefused as exc:
         raise DeploymentError(str(exc)) from None
     finally:
@@ -288,36 +287,11 @@ def assist(
             min_clients=job.strategy.min_fit_clients,
         )
         log.info("serving job %s as helper aggregator %s", job.job.name, name)
-        return _answer_until_finished(connection, HelperAggregator(name, job.job.name, mechanism))
+        return answer_until_finished(connection, HelperAggregator(name, job.job.name, mechanism))
     except ConnectionRefused as exc:
         raise DeploymentError(str(exc)) from None
     finally:
         connection.close()
-
-
-class _Responder(Protocol):
-    finished: bool
-
-    def handle(self, request: Inbound) -> list[memoryview]: ...
-
-
-def _answer_until_finished(connection: GrpcClientConnection, responder: _Responder) -> int:
-    """Pull requests and push the responder's replies until the server ends the job."""
-    answered = 0
-    while not responder.finished:
-        request = connection.next_request()
-        if request is None:
-            continue
-        log.info("request %d received (%d bytes)", answered + 1, len(request))
-        try:
-            with connection.heartbeat():
-                reply = responder.handle(request)
-            connection.reply(reply)
-        finally:
-            if isinstance(request, SpooledMessage):
-                request.close()
-        answered += 1
-    return answered
 
 
 def _key_dir(given: Path | None, job: JobConfig) -> Path | None:

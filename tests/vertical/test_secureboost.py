@@ -4,6 +4,7 @@ rejection of bad payloads. Keys are 1024 bits (the smallest allowed) to keep the
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -103,7 +104,7 @@ def trained(data: tuple[np.ndarray, ...]) -> tuple[Guest, WireHost, np.ndarray]:
     guest = Guest(X_train[:, :GUEST_FEATURES], y_train, 1, params, key_bits=BITS)
     host = WireHost(Host(X_train[:, GUEST_FEATURES:], params.n_bins))
     train(guest, [host])
-    scores = predict_scores(guest, X_test[:, :GUEST_FEATURES], [host], [X_test[:, GUEST_FEATURES:]])
+    scores = predict_scores(guest, X_test[:, :GUEST_FEATURES], [partial(host.route, X=X_test[:, GUEST_FEATURES:])])
     return guest, host, scores
 
 

@@ -22,6 +22,7 @@ from fedcrypt.core.server import RoundRecord
 from fedcrypt.data import DatasetError, load_dataset, summarize, summary_table
 from fedcrypt.cli.certs import certs
 from fedcrypt.cli.keys import keys_app
+from fedcrypt.cli.vertical import psi, vertical
 from fedcrypt.deployment import DeploymentError, assist, join, serve
 from fedcrypt.simulation import partition_clients, simulate
 from fedcrypt.tracking.checkpoint import CheckpointError
@@ -30,7 +31,7 @@ from fedcrypt.transport.grpc_client import ClientLimits
 
 app = typer.Typer(
     name="fedcrypt",
-    help="Privacy-preserving federated learning: simulate and deploy protected FedAvg jobs.",
+    help="Privacy-preserving federated learning: simulate and deploy protected FedAvg jobs, and vertical FL.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -282,6 +283,8 @@ def _tls(certs_dir: Path | None, insecure: bool, files: Callable[[Path], TlsFile
 
 app.command()(certs)
 app.add_typer(keys_app)
+app.command()(vertical)
+app.command()(psi)
 
 
 @app.command()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from fedcrypt.core.wire import SpooledMessage
 
@@ -17,6 +18,17 @@ from fedcrypt.core.wire import SpooledMessage
 Outbound = bytes | Sequence[memoryview]
 #: A received message: in memory, or (when large) in an unlinked temporary file.
 Inbound = bytes | bytearray | SpooledMessage
+
+
+class Responder(Protocol):
+    """The far end of a transport: a client, a helper aggregator or a vertical party.
+
+    ``handle`` answers one request's bytes with the reply's buffers; ``finished`` turns true once
+    it has answered the message that ends its part in the job."""
+
+    finished: bool
+
+    def handle(self, request: Inbound) -> list[memoryview]: ...
 
 
 class Transport(ABC):

@@ -19,7 +19,8 @@ from typing import TypeVar
 
 import grpc
 
-from fedcrypt.core.transport import Inbound, Outbound
+from fedcrypt.core.transport import Inbound, Outbound, Responder
+from fedcrypt.core.wire import SpooledMessage
 from fedcrypt.transport.certs import TlsFiles
 from fedcrypt.transport.chunks import DEFAULT_CHUNK_BYTES, DEFAULT_SPOOL_BYTES, from_chunks, to_chunks
 from fedcrypt.transport.grpc_server import BUSY, CLIENT_KEY, JOB_KEY, is_loopback
@@ -153,3 +154,22 @@ class GrpcClientConnection:
                 log.info("server unreachable (%s); retrying in %.1f s", code.name, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+
+def answer_until_finished(connection: GrpcClientConnection, responder: Responder) -> int:
+    """Pull requests and push the responder's replies until the server ends the job."""
+    answered = 0
+    while not responder.finished:
+        request = connection.next_request()
+        if request is None:
+            continue
+        log.info("request %d received (%d bytes)", answered + 1, len(request))
+        try:
+            with connection.heartbeat():
+                reply = responder.handle(request)
+            connection.reply(reply)
+        finally:
+            if isinstance(request, SpooledMessage):
+                request.close()
+        answered += 1
+    return answered

@@ -1,4 +1,5 @@
-"""In-process transport for simulation: clients are objects called one after another.
+"""In-process transport for simulation: clients (any :class:`Responder`) are objects called one
+after another.
 
 Messages still go through their byte encoding, so simulated byte counts are the real wire
 sizes and the server/client code is exactly what deployment runs.
@@ -9,14 +10,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 
-from fedcrypt.core.client import Client
-from fedcrypt.core.transport import Inbound, Outbound, Transport
+from fedcrypt.core.transport import Inbound, Outbound, Responder, Transport
 
 log = logging.getLogger(__name__)
 
 
 class InProcessTransport(Transport):
-    def __init__(self, clients: Mapping[str, Client]) -> None:
+    def __init__(self, clients: Mapping[str, Responder]) -> None:
         self.clients = dict(clients)
 
     def available(self) -> list[str]:

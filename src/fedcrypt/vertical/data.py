@@ -117,11 +117,37 @@ def load_party_csv(path: str | Path, id_column: str, label_column: str | None = 
             features[r, c] = _number(row[at], where=where, column=header[at], line=line, row_id=row_id)
         if labels is not None and label_at is not None:
             labels[r] = _number(row[label_at], where=where, column=header[label_at], line=line, row_id=row_id)
+    _check_unique(where, ids)
+    log.info("%s: %d rows, %d features%s", where, len(ids), len(feature_at), ", labelled" if labels is not None else "")
+    return PartyData(tuple(ids), features, tuple(header[i] for i in feature_at), labels)
+
+
+def read_ids(path: str | Path, id_column: str) -> list[str]:
+    """The ID column of a CSV (header row first), for PSI: non-empty and unique."""
+    path = Path(path)
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle)
+        header = [cell.strip() for cell in next(reader, [])]
+        if id_column not in header:
+            raise VerticalDataError(f"{path.name}: no ID column {id_column!r} (columns: {_named(header)})")
+        at = header.index(id_column)
+        ids = []
+        for line, row in enumerate(reader, start=2):
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) <= at or not row[at].strip():
+                raise VerticalDataError(f"{path.name}: line {line} has no ID")
+            ids.append(row[at].strip())
+    if not ids:
+        raise VerticalDataError(f"{path.name}: no IDs")
+    _check_unique(path.name, ids)
+    return ids
+
+
+def _check_unique(where: str, ids: Sequence[str]) -> None:
     duplicates = [f"{i!r} ({count} times)" for i, count in Counter(ids).items() if count > 1]
     if duplicates:
         raise VerticalDataError(f"{where}: IDs must be unique; repeated: {_named(duplicates, quote=False)}")
-    log.info("%s: %d rows, %d features%s", where, len(ids), len(feature_at), ", labelled" if labels is not None else "")
-    return PartyData(tuple(ids), features, tuple(header[i] for i in feature_at), labels)
 
 
 def align(party: PartyData, ids: Sequence[str]) -> PartyData:

@@ -104,8 +104,8 @@ import hashlib
 import logging
 import math
 import secrets
-from collections.abc import Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, Protocol
 
 import gmpy2
 import numpy as np
@@ -351,6 +351,9 @@ class _Features:
         scale = train.std(axis=0) if standardize else np.ones(train.shape[1])
         self.scale = np.where(scale > 0, scale, 1.0)  # a constant column becomes zeros
 
+    def state(self) -> dict[str, Any]:
+        return {"features": list(self.names), "mean": self.mean.tolist(), "scale": self.scale.tolist()}
+
     def __call__(self, data: PartyData) -> tuple[np.ndarray, np.ndarray]:
         """``(x, e)``: the features rounded to ``2^-FEATURE_BITS`` and the same as int64 exponents."""
         if data.feature_names != self.names:
@@ -511,6 +514,10 @@ class Host:
         self.weights = self.weights - self._job["lr"] / (1 + self._job["decay"] * epoch) * gradient
         self._batch, self._masks = None, None
 
+    def model(self) -> dict[str, Any]:
+        """This host's part of the model (its scaling and weights): it stays with the host."""
+        return {"role": "host", **self._features.state(), "weights": self.weights.tolist()}
+
     def predict_share(self, data: PartyData) -> Payload:
         """``[[wx_h]]`` for rows to score (aligned with the guest's): only the guest gets the score."""
         x, _ = self._features(data)
@@ -574,6 +581,10 @@ class Guest:
         self._requests: dict[int, tuple[list[int], np.ndarray]] = {}
 
     @property
+    def epochs(self) -> int:
+        return self._epochs
+
+    @property
     def batches_per_epoch(self) -> int:
         return len(self._plan[0])
 
@@ -590,6 +601,11 @@ class Guest:
     def losses(self) -> list[float] | None:
         """Each finished epoch's Taylor loss (mean over rows, with the l2 penalty); None when not computed."""
         return list(self._losses) if self._with_loss else None
+
+    def model(self) -> dict[str, Any]:
+        """The guest's part of the model (its scaling, weights and the intercept)."""
+        return {"role": "guest", **self._features.state(), "weights": self.weights.tolist(),
+                "intercept": self.intercept}
 
     def setup(self) -> Payload:
         """The job for the hosts: rows (by digest), schedule sizes and hyper-parameters."""
@@ -752,6 +768,44 @@ class Guest:
             self._epoch_loss = 0.0
 
 
+class HostRole(Protocol):
+    """What the drivers need of a host: a :class:`Host`, or a proxy reaching one over a transport."""
+
+    def setup(self, setup: Payload) -> None: ...
+    def forward(self, batch: Payload) -> Payload: ...
+    def masked_gradient(self, residual: Payload) -> Payload: ...
+    def update(self, decrypted: Payload) -> None: ...
+
+
+class ArbiterRole(Protocol):
+    def decrypt(self, masked: Payload) -> Payload: ...
+
+
+def train(guest: Guest, hosts: Sequence[HostRole], arbiter: ArbiterRole,
+          progress: Callable[[int, int], None] | None = None) -> None:
+    """Run the training protocol: every batch's five messages, one party after another.
+
+    ``progress(epoch, batch)`` is called after each batch."""
+    setup = guest.setup()
+    for host in hosts:
+        host.setup(setup)
+    for epoch in range(guest.epochs):
+        for index in range(guest.batches_per_epoch):
+            batch = guest.batch(epoch, index)
+            residual, own = guest.residual([host.forward(batch) for host in hosts])
+            for host in hosts:
+                host.update(arbiter.decrypt(host.masked_gradient(residual)))
+            if own is not None:
+                guest.update(arbiter.decrypt(own))
+            if progress is not None:
+                progress(epoch, index)
+
+
+def probabilities(guest: Guest, data: PartyData, shares: Sequence[Payload], arbiter: ArbiterRole) -> np.ndarray:
+    """P(label 1) of the rows ``data`` from the hosts' encrypted score shares (``Host.predict_share``)."""
+    return guest.scores(arbiter.decrypt(guest.masked_scores(data, shares)))
+
+
 class HeteroLR:
     """Hetero logistic regression with every role in this process (scikit-learn style).
 
@@ -798,17 +852,7 @@ class HeteroLR:
                             l2=self.l2, decay=self.decay, random_state=self.random_state,
                             standardize=self.standardize,
                             private_key=self.arbiter_.private_key if self.arbiter == "guest" else None)
-        setup = self.guest_.setup()
-        for host in self.hosts_:
-            host.setup(setup)
-        for epoch in range(self.epochs):
-            for index in range(self.guest_.batches_per_epoch):
-                batch = self.guest_.batch(epoch, index)
-                residual, own = self.guest_.residual([host.forward(batch) for host in self.hosts_])
-                for host in self.hosts_:
-                    host.update(self.arbiter_.decrypt(host.masked_gradient(residual)))
-                if own is not None:
-                    self.guest_.update(self.arbiter_.decrypt(own))
+        train(self.guest_, self.hosts_, self.arbiter_)
         self.loss_history_ = self.guest_.losses
         return self
 
@@ -820,7 +864,7 @@ class HeteroLR:
         if len(hosts) != len(self.hosts_):
             raise VerticalDataError(f"fitted with {len(self.hosts_)} hosts, got {len(hosts)}")
         shares = [role.predict_share(data) for role, data in zip(self.hosts_, hosts)]
-        p = self.guest_.scores(self.arbiter_.decrypt(self.guest_.masked_scores(guest, shares)))
+        p = probabilities(self.guest_, guest, shares, self.arbiter_)
         return np.column_stack([1.0 - p, p])
 
     def predict(self, guest: PartyData, hosts: Sequence[PartyData]) -> np.ndarray:

@@ -33,6 +33,12 @@ Per tree (binary classification, logistic loss, raw score ``F``, ``p = sigmoid(F
    under a new record id in its lookup table and answers which samples of the node go left.
    Leaves get ``-learning_rate * G / (H + l2)``.
 
+Ties. Candidates that cut a node the same way have equal sums; the host reports the lowest
+feature and threshold among them (scikit-learn's choice). Candidates that cut it differently but
+with equal sums (common in the first trees, where every sample of a class has the same gradient)
+tie too, and the guest takes the first in the tree's random candidate order, so two runs can
+choose different host features there: equal training loss, slightly different models.
+
 Prediction walks the trees a layer at a time: the guest routes samples through its own nodes and
 asks each host, for (record id, sample) pairs, which way they go.
 
@@ -54,9 +60,10 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any, Protocol
 
 import gmpy2
@@ -399,6 +406,14 @@ class Node:
         return self.left < 0
 
 
+def _json_node(node: Node) -> dict[str, Any]:
+    """A node as JSON values: the threshold of a host split or a leaf (NaN) becomes null."""
+    fields = asdict(node)
+    if np.isnan(fields["threshold"]):
+        fields["threshold"] = None
+    return fields
+
+
 @dataclass
 class _Choice:
     """The best split of a node: whose, which candidate (index in that party's list), and how
@@ -581,6 +596,11 @@ class Guest:
         self._frontier = frontier
         log.debug("tree %d depth %d: %d splits (%d on hosts)", len(self.trees), self._depth,
                   len(self._chosen), sum(map(len, self._host_splits)))
+
+    def model(self) -> dict[str, Any]:
+        """The guest's part of the model: every tree's nodes (host splits as record ids only)."""
+        return {"role": "guest", "base_score": self.base_score,
+                "trees": [[_json_node(node) for node in tree] for tree in self.trees]}
 
     def prediction(self, X: np.ndarray) -> GuestPrediction:
         """Start routing the guest's rows ``X`` through the trees."""
@@ -811,15 +831,29 @@ class Host:
         left = np.zeros((len(splits), self.n_samples), dtype=np.uint8)
         records = []
         for k, (node, candidate) in enumerate(splits):
-            feature, bucket = self._candidates[self._order[candidate]]
-            in_node = self._bins[feature, self._positions == node]
-            while bucket > 0 and not np.any(in_node == bucket):
-                bucket -= 1  # the same partition of the node: take the lowest threshold, as scikit-learn
+            feature, bucket = self._canonical(node, *self._candidates[self._order[candidate]])
             records.append(len(self._records))
             self._records.append((feature, float(self._thresholds[feature][bucket])))
             left[k] = (self._positions == node) & (self._bins[feature] <= bucket)
         return Payload(meta={"kind": SPLIT_RESULT, "tree": self._tree, "depth": self._depth, "records": records},
                        arrays={"left": left})
+
+    def _canonical(self, node: int, feature: int, bucket: int) -> tuple[int, int]:
+        """The first ``(feature, bucket)`` that cuts the node's samples exactly as the chosen one.
+
+        Candidates that split a node the same way tie in gain, and the guest breaks ties in the
+        tree's random candidate order; taking the lowest feature and threshold among them (as
+        scikit-learn does) keeps the model independent of that order. ``bucket b`` sends left
+        exactly the rows of bin ``<= b``, so feature ``f`` reproduces the partition iff every left
+        row's bin is below every right row's: then ``b = max(left bins)``.
+        """
+        in_node = self._bins[:, self._positions == node]
+        goes_left = in_node[feature] <= bucket
+        left, right = in_node[:, goes_left], in_node[:, ~goes_left]
+        highest_left = left.max(axis=1).astype(np.int64)
+        lowest_right = right.min(axis=1).astype(np.int64) if right.shape[1] else np.full(len(in_node), 1 << 16)
+        first = int(np.flatnonzero(highest_left < lowest_right)[0])  # ``feature`` itself qualifies
+        return first, int(highest_left[first])
 
     def route(self, payload: Payload, X: np.ndarray) -> Payload:
         """For prediction on this host's rows ``X``: whether each asked sample goes left at each
@@ -837,6 +871,10 @@ class Host:
         features, thresholds = table[records, 0].astype(np.int64), table[records, 1]
         left = (X[samples, features] <= thresholds).astype(np.uint8)
         return Payload(meta={"kind": ROUTE_RESULT, "queries": int(records.size)}, arrays={"left": left})
+
+    def model(self) -> dict[str, Any]:
+        """This host's lookup table, ``record id -> (feature column, threshold)``: it stays with the host."""
+        return {"role": "host", "records": [[feature, threshold] for feature, threshold in self._records]}
 
     @property
     def records(self) -> int:
@@ -883,34 +921,40 @@ class Host:
 
 
 class HostRole(Protocol):
-    """What the drivers need of a host: a :class:`Host`, or a proxy that reaches one over a transport."""
+    """What :func:`train` needs of a host: a :class:`Host`, or a proxy reaching one over a transport."""
 
     def setup(self, payload: Payload) -> None: ...
     def receive_gradients(self, payload: Payload) -> None: ...
     def histograms(self, payload: Payload) -> Payload: ...
     def split(self, payload: Payload) -> Payload: ...
-    def route(self, payload: Payload, X: np.ndarray) -> Payload: ...
 
 
-def train(guest: Guest, hosts: Sequence[HostRole]) -> None:
-    """Run the whole training protocol in this process."""
+#: Answers a host's route requests for the rows being scored (``Host.route`` with its rows bound).
+Router = Callable[[Payload], Payload]
+
+
+def train(guest: Guest, hosts: Sequence[HostRole], progress: Callable[[int], None] | None = None) -> None:
+    """Run the whole training protocol, one party after another; ``progress(tree)`` after each tree."""
     setup = guest.setup()
     for host in hosts:
         host.setup(setup)
-    for _ in range(guest.params.n_trees):
+    for tree in range(guest.params.n_trees):
         gradients = guest.start_tree()
         for host in hosts:
             host.receive_gradients(gradients)
         while (request := guest.histogram_request()) is not None:
             split_requests = guest.choose_splits([host.histograms(request) for host in hosts])
             guest.apply_splits([host.split(r) for host, r in zip(hosts, split_requests)])
+        if progress is not None:
+            progress(tree)
 
 
-def predict_scores(guest: Guest, guest_X: np.ndarray, hosts: Sequence[HostRole], hosts_X: Sequence[np.ndarray]) -> np.ndarray:
-    """Raw scores by walking the trees across parties in this process."""
+def predict_scores(guest: Guest, guest_X: np.ndarray, routers: Sequence[Router]) -> np.ndarray:
+    """Raw scores of the guest's rows ``guest_X``, walking the trees across parties; ``routers[k]``
+    answers host ``k`` for the same rows."""
     walk = guest.prediction(guest_X)
     while (requests := walk.requests()) is not None:
-        walk.receive([host.route(r, X) for host, r, X in zip(hosts, requests, hosts_X)])
+        walk.receive([route(r) for route, r in zip(routers, requests)])
     return walk.scores()
 
 
@@ -945,7 +989,8 @@ class SecureBoost:
 
     def decision_function(self, guest_X: np.ndarray, hosts_X: Sequence[np.ndarray]) -> np.ndarray:
         guest_X, hosts_X = _rows(guest_X, hosts_X)
-        return predict_scores(self.guest_, guest_X, self.hosts_, hosts_X)
+        routers = [partial(host.route, X=X) for host, X in zip(self.hosts_, hosts_X)]
+        return predict_scores(self.guest_, guest_X, routers)
 
     def predict_proba(self, guest_X: np.ndarray, hosts_X: Sequence[np.ndarray]) -> np.ndarray:
         p = sigmoid(self.decision_function(guest_X, hosts_X))
