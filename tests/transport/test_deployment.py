@@ -24,6 +24,7 @@ from fedcrypt.crypto.paillier import generate_keypair
 from fedcrypt.mechanisms.ckks import write_keys
 from fedcrypt.mechanisms.paillier import write_keys as write_paillier_keys
 from fedcrypt.mechanisms.shares import public_file, write_helper_key
+from fedcrypt.tracking.store import RunStore
 from fedcrypt.transport.certs import client_files, write_bundle
 
 CLIENTS = ["client-000", "client-001", "client-002"]
@@ -188,6 +189,12 @@ def test_server_killed_after_round_two_resumes_without_double_counting(deploymen
     assert [r["round"] for r in _rounds(tmp / "out")] == [1, 2, 3, 4, 5, 6]
     for process, name in zip(clients, CLIENTS):
         _finish(process, tmp / f"{name}.log")
+    # the run store holds one server run, resumed in place: six rounds, none twice, finished
+    recorded = [run for run in RunStore().runs(limit=1000) if run.run_dir == str(tmp / "out")]
+    assert len(recorded) == 1 and recorded[0].kind == "server" and recorded[0].status == "finished"
+    detail = RunStore().get(recorded[0].id)
+    assert [r["round"] for r in detail.rounds] == [1, 2, 3, 4, 5, 6]
+    assert detail.run.model_path == str(tmp / "out" / "model.pt")
 
 
 @pytest.mark.parametrize("case", ["other_ca", "revoked", "no_certs"])

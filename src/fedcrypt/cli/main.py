@@ -22,10 +22,12 @@ from fedcrypt.core.server import RoundRecord
 from fedcrypt.data import DatasetError, load_dataset, summarize, summary_table
 from fedcrypt.cli.certs import certs
 from fedcrypt.cli.keys import keys_app
+from fedcrypt.cli.runs import StoreOpt, open_store, runs_app
 from fedcrypt.cli.vertical import psi, vertical
 from fedcrypt.deployment import DeploymentError, assist, join, serve
 from fedcrypt.simulation import partition_clients, simulate
 from fedcrypt.tracking.checkpoint import CheckpointError
+from fedcrypt.tracking.store import StoreError, recording
 from fedcrypt.transport.certs import CertError, TlsFiles, client_files, server_files
 from fedcrypt.transport.grpc_client import ClientLimits
 
@@ -57,7 +59,8 @@ class UserError(Exception):
 def _user_errors() -> Iterator[None]:
     try:
         yield
-    except (UserError, JobError, DatasetError, CertError, CheckpointError, DeploymentError, ValueError, OSError) as exc:
+    except (UserError, JobError, DatasetError, CertError, CheckpointError, DeploymentError, StoreError, ValueError,
+            OSError) as exc:
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
@@ -83,10 +86,12 @@ def run(
     out: Annotated[Path | None, typer.Option(help="Output folder (default: runs/<job>-<time>).")] = None,
     seed: Annotated[int | None, typer.Option(min=0, help="Override job.seed.")] = None,
     data_dir: DataDirOpt = None,
+    store: StoreOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only the final summary.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each step.")] = False,
 ) -> None:
-    """Run a job as an in-process simulation and write metrics.jsonl, model.pt and job.toml."""
+    """Run a job as an in-process simulation and write metrics.jsonl, model.pt and job.toml;
+    the run is recorded in the run store (`fedcrypt runs`)."""
     _setup_logging(verbose)
     with _user_errors():
         job = _load(job_file, job={k: v for k, v in (("rounds", rounds), ("seed", seed)) if v is not None})
@@ -97,8 +102,12 @@ def run(
             f"mechanism [bold]{job.privacy.mechanism}[/], {job.job.rounds} rounds"
         )
         started = time.perf_counter()
-        with _round_display(job.job.rounds, quiet) as on_round:
-            result = simulate(job, out_dir=out_dir, data_dir=data_dir, on_round=on_round)
+        with (
+            _recording(store, job, "simulation", out_dir) as record_round,
+            _round_display(job.job.rounds, quiet) as on_round,
+        ):
+            result = simulate(job, out_dir=out_dir, data_dir=data_dir,
+                              on_round=lambda record: (record_round(record), on_round(record)))
     failed = sum(r.status != "ok" for r in result.history)
     if result.stopped:
         console.print(f"[bold yellow]stopped early[/]: {escape(result.stopped)}", highlight=False)
@@ -183,9 +192,11 @@ def server(
     revoked: Annotated[str, typer.Option(help="Comma-separated client names to refuse.")] = "",
     keys: KeysOpt = None,
     data_dir: DataDirOpt = None,
+    store: StoreOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each step.")] = False,
 ) -> None:
-    """Serve a job to remote clients over gRPC (mutual TLS unless --insecure)."""
+    """Serve a job to remote clients over gRPC (mutual TLS unless --insecure); the run is
+    recorded in the run store (`fedcrypt runs`)."""
     _setup_logging(verbose)
     with _user_errors():
         job = _load(job_file)
@@ -195,7 +206,10 @@ def server(
             f"[bold]{job.job.name}[/]: serving {job.job.rounds} rounds on {address} "
             f"({'TLS' if tls else '[red]INSECURE[/]'}), mechanism [bold]{job.privacy.mechanism}[/]"
         )
-        with _round_display(job.job.rounds, quiet=False) as on_round:
+        with (
+            _recording(store, job, "server", out_dir, resume=resume) as record_round,
+            _round_display(job.job.rounds, quiet=False) as on_round,
+        ):
             result = serve(
                 job,
                 address=address,
@@ -205,7 +219,7 @@ def server(
                 revoked=tuple(n for n in revoked.split(",") if n),
                 key_dir=keys,
                 data_dir=data_dir,
-                on_round=on_round,
+                on_round=lambda record: (record_round(record), on_round(record)),
                 on_listening=lambda port: console.print(f"listening on port {port}; waiting for clients"),
             )
     done = len(result.history) + result.resumed_from
@@ -271,6 +285,28 @@ def aggregator(
     console.print(f"[bold green]done[/]: answered {answered} requests as helper aggregator {name}")
 
 
+@contextmanager
+def _recording(store: str | None, job: JobConfig, kind: str, out_dir: Path, *,
+               resume: bool = False) -> Iterator[Callable[[RoundRecord], None]]:
+    """Record the run in the store; a server keeps its run id in its folder, so --resume goes on
+    recording the same run."""
+    id_file = out_dir / "run_id"
+    run_id = id_file.read_text().strip() if resume and id_file.exists() else None
+    mechanism = job.privacy.mechanism + ("+dp" if job.dp else "")
+    with recording(open_store(store), job=job.job.name, mechanism=mechanism, kind=kind,
+                   planned_rounds=job.job.rounds, run_dir=out_dir, config=job.to_toml(),
+                   model_path=out_dir / "model.pt", run_id=run_id,
+                   on_start=lambda new_id: _keep_id(id_file, new_id) if kind == "server" else None) as record_round:
+        yield record_round
+
+
+def _keep_id(path: Path, run_id: str) -> None:
+    """Write a server's run id once (an existing file belongs to the run that folder holds)."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(run_id + "\n")
+
+
 def _tls(certs_dir: Path | None, insecure: bool, files: Callable[[Path], TlsFiles]) -> TlsFiles | None:
     if insecure:
         if certs_dir:
@@ -285,6 +321,7 @@ app.command()(certs)
 app.add_typer(keys_app)
 app.command()(vertical)
 app.command()(psi)
+app.add_typer(runs_app)
 
 
 @app.command()
