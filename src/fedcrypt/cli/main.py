@@ -28,7 +28,7 @@ from fedcrypt.deployment import DeploymentError, assist, join, serve
 from fedcrypt.simulation import partition_clients, simulate
 from fedcrypt.tracking.checkpoint import CheckpointError
 from fedcrypt.tracking.store import StoreError, recording
-from fedcrypt.transport.certs import CertError, TlsFiles, client_files, server_files
+from fedcrypt.transport.certs import CertError, client_files, server_files, tls_or_insecure
 from fedcrypt.transport.grpc_client import ClientLimits
 
 app = typer.Typer(
@@ -200,7 +200,7 @@ def server(
     _setup_logging(verbose)
     with _user_errors():
         job = _load(job_file)
-        tls = _tls(certs_dir, insecure, lambda d: server_files(d))
+        tls = tls_or_insecure(certs_dir, insecure, lambda d: server_files(d))
         out_dir = out or Path("runs") / f"{job.job.name}-server"
         console.print(
             f"[bold]{job.job.name}[/]: serving {job.job.rounds} rounds on {address} "
@@ -248,7 +248,7 @@ def client(
     if threads:
         torch.set_num_threads(threads)
     with _user_errors():
-        tls = _tls(certs_dir, insecure, lambda d: client_files(d, name))
+        tls = tls_or_insecure(certs_dir, insecure, lambda d: client_files(d, name))
         answered = join(
             server_address,
             name,
@@ -278,7 +278,7 @@ def aggregator(
     sum them, never see data or models."""
     _setup_logging(verbose)
     with _user_errors():
-        tls = _tls(certs_dir, insecure, lambda d: client_files(d, name))
+        tls = tls_or_insecure(certs_dir, insecure, lambda d: client_files(d, name))
         answered = assist(
             server_address, name, tls=tls, key_dir=keys, limits=ClientLimits(reconnect_timeout=reconnect_timeout)
         )
@@ -305,16 +305,6 @@ def _keep_id(path: Path, run_id: str) -> None:
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(run_id + "\n")
-
-
-def _tls(certs_dir: Path | None, insecure: bool, files: Callable[[Path], TlsFiles]) -> TlsFiles | None:
-    if insecure:
-        if certs_dir:
-            raise UserError("--insecure and --certs exclude each other")
-        return None
-    if certs_dir is None:
-        raise UserError("TLS needs --certs DIR (create one with `fedcrypt certs`), or pass --insecure on loopback")
-    return files(certs_dir)
 
 
 app.command()(certs)

@@ -7,7 +7,7 @@ main.py imports this module at the top without an import cycle.
 from __future__ import annotations
 
 import csv
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
@@ -20,7 +20,7 @@ from rich.table import Table
 
 from fedcrypt.config.job import JobError
 from fedcrypt.config.vertical import GUEST, load_vertical_job
-from fedcrypt.transport.certs import CertError, TlsFiles, client_files, server_files
+from fedcrypt.transport.certs import CertError, client_files, server_files, tls_or_insecure
 from fedcrypt.vertical.data import VerticalDataError, read_ids
 from fedcrypt.vertical.federation import Progress as ProgressCallback
 from fedcrypt.vertical.federation import VerticalError, VerticalResult, load_guest_data, load_host_data
@@ -43,16 +43,6 @@ def _user_errors() -> Iterator[None]:
     except (VerticalError, VerticalDataError, JobError, CertError, ValueError, OSError) as exc:
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
-
-
-def _tls(certs_dir: Path | None, insecure: bool, files: Callable[[Path], TlsFiles]) -> TlsFiles | None:
-    if insecure:
-        if certs_dir:
-            raise ValueError("--insecure and --certs exclude each other")
-        return None
-    if certs_dir is None:
-        raise ValueError("TLS needs --certs DIR (create one with `fedcrypt certs`), or pass --insecure on loopback")
-    return files(certs_dir)
 
 
 @contextmanager
@@ -111,7 +101,7 @@ def vertical(
         elif role == GUEST:
             if not listen or connect or processes:
                 raise ValueError("the guest listens: --role guest --listen HOST:PORT (no --connect, no --processes)")
-            tls = _tls(certs_dir, insecure, server_files)
+            tls = tls_or_insecure(certs_dir, insecure, server_files)
             guest_data = load_guest_data(job, data)
             console.print(f"[bold]{job.vertical.name}[/]: guest of {job.vertical.algorithm} on {listen} "
                           f"({'TLS' if tls else '[red]INSECURE[/]'}); waiting for {', '.join(job.peers)}")
@@ -122,7 +112,7 @@ def vertical(
         else:
             if not connect or listen or processes:
                 raise ValueError(f"{role} connects to the guest: --role {role} --connect HOST:PORT")
-            tls = _tls(certs_dir, insecure, lambda d: client_files(d, role))
+            tls = tls_or_insecure(certs_dir, insecure, lambda d: client_files(d, role))
             party_data = None if role == "arbiter" else load_host_data(job, role, data)
             join_party(job, role, address=connect, tls=tls, out_dir=out_dir, data=party_data, workers=workers)
             console.print(f"[bold green]done[/]: took part as {role}"
@@ -163,12 +153,12 @@ def psi(
             raise ValueError(f"{out} exists; refusing to overwrite it")
         ids = read_ids(ids_file, id_column)
         if listen is not None:
-            tls = _tls(certs_dir, insecure, server_files)
+            tls = tls_or_insecure(certs_dir, insecure, server_files)
             common = psi_listen(ids, address=listen, tls=tls, peer=peer, wait_timeout=wait_timeout, workers=workers,
                                 on_listening=lambda port: console.print(f"listening on port {port}; waiting for {peer}"))
         else:
             assert connect is not None
-            tls = _tls(certs_dir, insecure, lambda d: client_files(d, name))
+            tls = tls_or_insecure(certs_dir, insecure, lambda d: client_files(d, name))
             common = psi_connect(ids, address=connect, name=name, tls=tls, workers=workers)
         with out.open("x", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)

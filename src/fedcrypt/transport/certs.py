@@ -22,7 +22,7 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -376,3 +376,14 @@ def _write_new(path: Path, data: bytes, mode: int, *, force: bool) -> None:
         if mode != KEY_MODE:
             os.fchmod(handle.fileno(), mode)  # certificates are public: 0644 whatever the umask
         handle.write(data)
+
+
+def tls_or_insecure(certs_dir: Path | None, insecure: bool, files: Callable[[Path], TlsFiles]) -> TlsFiles | None:
+    """The TLS files a command's ``--certs`` / ``--insecure`` flags select (None: insecure)."""
+    if insecure:
+        if certs_dir:
+            raise CertError("--insecure and --certs exclude each other")
+        return None
+    if certs_dir is None:
+        raise CertError("TLS needs --certs DIR (create one with `fedcrypt certs`), or pass --insecure on loopback")
+    return files(certs_dir)
