@@ -265,14 +265,7 @@ class JobConfig(_Section):
 
     def to_toml(self) -> str:
         """The resolved job (defaults filled in) as TOML."""
-        lines: list[str] = []
-        for section, values in self.model_dump().items():
-            if values is None:  # an optional section that is off
-                continue
-            lines.append(f"[{section}]")
-            lines += [f"{key} = {_toml_value(value)}" for key, value in values.items() if value is not None]
-            lines.append("")
-        return "\n".join(lines)
+        return toml_document(self.model_dump())
 
 
 def parse_job(raw: dict[str, Any], *, source: str = "job") -> JobConfig:
@@ -285,14 +278,31 @@ def parse_job(raw: dict[str, Any], *, source: str = "job") -> JobConfig:
 
 def load_job(path: str | Path) -> JobConfig:
     """Read and validate a TOML job file."""
+    return parse_job(read_toml(path), source=str(path))
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A job file's TOML document; :class:`JobError` if it cannot be read or parsed."""
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise JobError(f"{path}: cannot read job file: {exc.strerror or exc}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise JobError(f"{path}: not valid TOML: {exc}") from None
-    return parse_job(raw, source=str(path))
+
+
+def toml_document(sections: dict[str, Any]) -> str:
+    """Sections as TOML: a dict is a ``[table]``, a list of dicts ``[[tables]]``; None is left out."""
+    lines: list[str] = []
+    for section, values in sections.items():
+        if values is None:  # an optional section that is off
+            continue
+        for table in values if isinstance(values, list) else [values]:
+            lines.append(f"[[{section}]]" if isinstance(values, list) else f"[{section}]")
+            lines += [f"{key} = {_toml_value(value)}" for key, value in table.items() if value is not None]
+            lines.append("")
+    return "\n".join(lines)
 
 
 def _check_choice(kind: str, value: str, choices: tuple[str, ...]) -> str:

@@ -27,13 +27,12 @@ differs in anything but the data paths. Relative data paths are read from the jo
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from fedcrypt.config.job import JobError, _first_error, _Section, _toml_value
+from fedcrypt.config.job import JobError, _first_error, _Section, read_toml, toml_document
 
 #: Role names other than the hosts'.
 GUEST, ARBITER = "guest", "arbiter"
@@ -150,14 +149,7 @@ class VerticalJob(_Section):
 
     def to_toml(self) -> str:
         """The resolved job (defaults filled in) as TOML; data paths as written."""
-        lines: list[str] = []
-        for section, values in self.model_dump().items():
-            tables = values if isinstance(values, list) else [values]
-            for table in tables:
-                lines.append(f"[[{section}]]" if isinstance(values, list) else f"[{section}]")
-                lines += [f"{key} = {_toml_value(value)}" for key, value in table.items()]
-                lines.append("")
-        return "\n".join(lines)
+        return toml_document(self.model_dump())
 
 
 def parse_vertical_job(raw: dict[str, Any], *, source: str = "job", source_dir: str | Path = ".") -> VerticalJob:
@@ -171,12 +163,7 @@ def parse_vertical_job(raw: dict[str, Any], *, source: str = "job", source_dir: 
 def load_vertical_job(path: str | Path) -> VerticalJob:
     """Read and validate a vertical job file."""
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise JobError(f"{path}: cannot read job file: {exc.strerror or exc}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise JobError(f"{path}: not valid TOML: {exc}") from None
+    raw = read_toml(path)
     if "source_dir" in raw:
         raise JobError(f"{path}: source_dir: unknown key")
     return parse_vertical_job(raw, source=str(path), source_dir=path.parent)
