@@ -39,6 +39,7 @@ from fedcrypt.simulation import (
     build_strategy,
     build_trainer,
     evaluation_data,
+    model_spec,
     partition_clients,
     train_tensors,
     with_dp,
@@ -158,7 +159,7 @@ def serve(
         _shut_down_clients(server, transport, job.deploy.liveness_timeout)
     finally:
         transport.close()
-    run_dir.write_model(unflatten(server.params, trainer.spec))
+    run_dir.write_model(unflatten(server.params, trainer.spec), model_spec(job, dataset))
     return ServeResult(history, start - 1, stopped)
 
 

@@ -22,7 +22,7 @@ from fedcrypt.data import Dataset, load_dataset, partition
 from fedcrypt.mechanisms import helpers_of, simulation_mechanisms
 from fedcrypt.mechanisms.dp import DpMechanism
 from fedcrypt.models.training import ClientData, LocalTrainer, TrainConfig
-from fedcrypt.models.zoo import build_model
+from fedcrypt.models.zoo import ModelSpec, build_model
 from fedcrypt.strategies import STRATEGIES, Strategy
 from fedcrypt.tracking.rundir import RunDirectory
 from fedcrypt.transport.inprocess import InProcessTransport
@@ -123,8 +123,14 @@ def simulate(
             server.helpers.close()
     result = SimulationResult(config, history, server.params, trainer.spec, run_dir.path if run_dir else None, stopped)
     if run_dir:
-        run_dir.write_model(result.state_dict())
+        run_dir.write_model(result.state_dict(), None if model_factory else model_spec(config, dataset))
     return result
+
+
+def model_spec(config: JobConfig, dataset: Dataset) -> ModelSpec:
+    """What rebuilds the job's built-in model (written beside model.pt for ``fedcrypt serve``)."""
+    return ModelSpec(config.model.name, dataset.input_shape, dataset.num_classes, dataset.class_names,
+                     tuple(config.model.hidden), dataset.name)
 
 
 def partition_clients(config: JobConfig, dataset: Dataset) -> list[np.ndarray]:

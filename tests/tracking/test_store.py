@@ -1,12 +1,16 @@
-"""The run store: runs and rounds recorded as they go (SQLite here), listed and filtered, a failing
-run marked failed with its error, a resumed run continued in place, and unusable stores refused
-with a clear message; `fedcrypt run` records its simulation and `fedcrypt runs` shows it."""
+"""The run store: runs and rounds recorded as they go, listed and filtered, a failing run marked
+failed with its error, a resumed run continued in place, and unusable stores refused with a clear
+message; `fedcrypt run` records its simulation and `fedcrypt runs` shows it. The store tests run on
+SQLite and on a real PostgreSQL server (started by ``.ci/services``), each in a fresh database."""
 
 from __future__ import annotations
 
 import json
+import secrets
+from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 from typer.testing import CliRunner
 
@@ -17,14 +21,34 @@ from fedcrypt.tracking.store import RunStore, StoreError, recording, store_url
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture
+def postgres_db(postgres_url: str) -> Iterator[str]:
+    """The URL of a new, empty database on the test PostgreSQL server (dropped afterwards)."""
+    name = f"fedcrypt_test_{secrets.token_hex(4)}"
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{postgres_url.rsplit('/', 1)[0]}/{name}"
+    finally:
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RunStore]:
+    location = str(tmp_path / "runs.sqlite") if request.param == "sqlite" else request.getfixturevalue("postgres_db")
+    opened = RunStore(location)
+    yield opened
+    opened.close()
+
+
 def _start(store: RunStore, tmp_path: Path, **changes: object) -> str:
     settings: dict[str, object] = {"job": "j", "mechanism": "ckks", "kind": "simulation", "planned_rounds": 3,
                                    "run_dir": tmp_path / "out", "config": "[job]\n"}
     return store.start(**{**settings, **changes})  # type: ignore[arg-type]
 
 
-def test_runs_and_rounds_round_trip_and_filter(tmp_path: Path) -> None:
-    store = RunStore(str(tmp_path / "runs.sqlite"))
+def test_runs_and_rounds_round_trip_and_filter(store: RunStore, tmp_path: Path) -> None:
     first = _start(store, tmp_path)
     store.add_round(first, RoundRecord(1, accuracy=0.5, bytes_up=10, mechanism={"dp_epsilon": 1.5}))
     store.add_round(first, RoundRecord(2, accuracy=0.75, loss=float("nan")))
@@ -40,10 +64,11 @@ def test_runs_and_rounds_round_trip_and_filter(tmp_path: Path) -> None:
     assert [r["round"] for r in detail.rounds] == [1, 2]
     assert detail.rounds[0]["dp_epsilon"] == 1.5 and detail.rounds[1]["loss"] is None
     assert detail.run.model_path == str(tmp_path / "model.pt")
+    assert [r["round"] for r in store.get(first, after=1).rounds] == [2]  # what a live view asks for
+    assert store.mechanisms() == ["ckks", "none"]
 
 
-def test_recording_marks_a_failing_run_failed_and_re_raises(tmp_path: Path) -> None:
-    store = RunStore(str(tmp_path / "runs.sqlite"))
+def test_recording_marks_a_failing_run_failed_and_re_raises(store: RunStore, tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="round 2 failed"):
         with recording(store, job="j", mechanism="none", kind="simulation", planned_rounds=3, run_dir=tmp_path,
                        config="", model_path=tmp_path / "model.pt") as record_round:
@@ -53,8 +78,7 @@ def test_recording_marks_a_failing_run_failed_and_re_raises(tmp_path: Path) -> N
     assert run.status == "failed" and run.error == "round 2 failed" and run.rounds_done == 1 and run.ended
 
 
-def test_a_resumed_run_continues_in_place(tmp_path: Path) -> None:
-    store = RunStore(str(tmp_path / "runs.sqlite"))
+def test_a_resumed_run_continues_in_place(store: RunStore, tmp_path: Path) -> None:
     run_id = _start(store, tmp_path, kind="server")
     store.add_round(run_id, RoundRecord(1, accuracy=0.1))
     store.add_round(run_id, RoundRecord(2, accuracy=0.2))
@@ -66,8 +90,7 @@ def test_a_resumed_run_continues_in_place(tmp_path: Path) -> None:
     assert [(r["round"], r["accuracy"]) for r in detail.rounds] == [(1, 0.1), (2, 0.25)]
 
 
-def test_unknown_and_ambiguous_ids_are_clear_errors(tmp_path: Path) -> None:
-    store = RunStore(str(tmp_path / "runs.sqlite"))
+def test_unknown_and_ambiguous_ids_are_clear_errors(store: RunStore, tmp_path: Path) -> None:
     _start(store, tmp_path)
     _start(store, tmp_path)
     with pytest.raises(StoreError, match="no run with id 'nope'"):
@@ -115,7 +138,18 @@ def test_fedcrypt_run_is_recorded_and_listed(tmp_path: Path) -> None:
     again = runner.invoke(app, ["run", str(REPO / "examples" / "quickstart.toml"), "--out", str(out),
                                 "--store", store, "-q"])
     assert again.exit_code == 2 and "already holds a run" in again.output
-    failed = RunStore(store).runs(status="failed")
-    assert len(failed) == 1 and "already holds a run" in failed[0].error
+    assert [r.id for r in RunStore(store).runs()] == [run.id]  # refused before anything is recorded
+    assert (out / "run_id").read_text().strip() == run.id and (out / "model.json").exists()
     bad = runner.invoke(app, ["runs", "--store", store, "--status", "done"])
     assert bad.exit_code == 2 and "--status must be one of" in bad.output
+
+
+def test_fedcrypt_run_records_into_postgresql(postgres_db: str, tmp_path: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(app, ["run", str(REPO / "examples" / "quickstart.toml"), "--rounds", "2",
+                                 "--out", str(tmp_path / "run"), "--store", postgres_db, "-q"])
+    assert result.exit_code == 0, result.output
+    (run,) = RunStore(postgres_db).runs()
+    assert (run.status, run.rounds_done, run.job) == ("finished", 2, "quickstart")
+    listing = runner.invoke(app, ["runs", "--store", postgres_db], env={"COLUMNS": "200"})
+    assert listing.exit_code == 0 and run.id in listing.output

@@ -7,30 +7,22 @@ importing it, so that main.py can import this module at the top without an impor
 from __future__ import annotations
 
 import stat
-from collections.abc import Iterator
-from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
+from fedcrypt.cli.errors import user_errors
 from fedcrypt.transport.certs import DEFAULT_HOSTS, CertError, write_bundle
 
 console = Console()
-err_console = Console(stderr=True)
 
 
-@contextmanager
-def _user_errors() -> Iterator[None]:
-    """Show certificate, file and value errors as one ``error:`` line and exit with status 2."""
-    try:
-        yield
-    except (CertError, ValueError, OSError) as exc:
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+# Certificate, file and value errors: one ``error:`` line, exit status 2.
+_user_errors = partial(user_errors, CertError)
 
 
 def _split(values: str) -> list[str]:

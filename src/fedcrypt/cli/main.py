@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -21,12 +22,15 @@ from fedcrypt.config.job import JobConfig, JobError, load_job
 from fedcrypt.core.server import RoundRecord
 from fedcrypt.data import DatasetError, load_dataset, summarize, summary_table
 from fedcrypt.cli.certs import certs
+from fedcrypt.cli.errors import err_console, user_errors
 from fedcrypt.cli.keys import keys_app
 from fedcrypt.cli.runs import StoreOpt, open_store, runs_app
 from fedcrypt.cli.vertical import psi, vertical
+from fedcrypt.cli.web import board, serve_run
 from fedcrypt.deployment import DeploymentError, assist, join, serve
 from fedcrypt.simulation import partition_clients, simulate
 from fedcrypt.tracking.checkpoint import CheckpointError
+from fedcrypt.tracking.rundir import RunDirectory
 from fedcrypt.tracking.store import StoreError, recording
 from fedcrypt.transport.certs import CertError, client_files, server_files, tls_or_insecure
 from fedcrypt.transport.grpc_client import ClientLimits
@@ -39,7 +43,6 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console()
-err_console = Console(stderr=True)
 
 JobArg = Annotated[Path, typer.Argument(help="TOML job file.", show_default=False)]
 DataDirOpt = Annotated[
@@ -55,14 +58,9 @@ class UserError(Exception):
     """An error caused by input; shown as one line, exit status 2."""
 
 
-@contextmanager
-def _user_errors() -> Iterator[None]:
-    try:
-        yield
-    except (UserError, JobError, DatasetError, CertError, CheckpointError, DeploymentError, StoreError, ValueError,
-            OSError) as exc:
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+# User errors: one ``error:`` line, exit status 2.
+_user_errors = partial(user_errors, UserError, JobError, DatasetError, CertError, CheckpointError, DeploymentError,
+                       StoreError)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -288,20 +286,23 @@ def aggregator(
 @contextmanager
 def _recording(store: str | None, job: JobConfig, kind: str, out_dir: Path, *,
                resume: bool = False) -> Iterator[Callable[[RoundRecord], None]]:
-    """Record the run in the store; a server keeps its run id in its folder, so --resume goes on
-    recording the same run."""
+    """Record the run in the store and keep its id in the run folder (``fedcrypt serve`` reports it,
+    and a resumed server goes on recording the same run). A folder that already holds a run is
+    refused before anything is recorded."""
     id_file = out_dir / "run_id"
+    if not resume:
+        RunDirectory.refuse_used(out_dir)
     run_id = id_file.read_text().strip() if resume and id_file.exists() else None
     mechanism = job.privacy.mechanism + ("+dp" if job.dp else "")
     with recording(open_store(store), job=job.job.name, mechanism=mechanism, kind=kind,
                    planned_rounds=job.job.rounds, run_dir=out_dir, config=job.to_toml(),
                    model_path=out_dir / "model.pt", run_id=run_id,
-                   on_start=lambda new_id: _keep_id(id_file, new_id) if kind == "server" else None) as record_round:
+                   on_start=lambda new_id: _keep_id(id_file, new_id)) as record_round:
         yield record_round
 
 
 def _keep_id(path: Path, run_id: str) -> None:
-    """Write a server's run id once (an existing file belongs to the run that folder holds)."""
+    """Write the run id once (a resumed server's folder already has its own)."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(run_id + "\n")
@@ -312,6 +313,8 @@ app.add_typer(keys_app)
 app.command()(vertical)
 app.command()(psi)
 app.add_typer(runs_app)
+app.command()(board)
+app.command(name="serve")(serve_run)
 
 
 @app.command()

@@ -7,8 +7,7 @@ this module at the top without an import cycle.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from functools import partial
 from typing import Annotated, Any
 
 import typer
@@ -16,10 +15,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from fedcrypt.cli.errors import user_errors
 from fedcrypt.tracking.store import STATUSES, RunStore, StoreError, default_store
 
 console = Console()
-err_console = Console(stderr=True)
 
 StoreOpt = Annotated[
     str | None,
@@ -31,13 +30,8 @@ runs_app = typer.Typer(name="runs", help="Recorded runs: `fedcrypt runs` lists t
 _STATUS_STYLE = {"running": "yellow", "finished": "green", "failed": "red"}
 
 
-@contextmanager
-def _user_errors() -> Iterator[None]:
-    try:
-        yield
-    except (StoreError, ValueError, OSError) as exc:
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+# Store, file and value errors: one ``error:`` line, exit status 2.
+_user_errors = partial(user_errors, StoreError)
 
 
 def open_store(location: str | None) -> RunStore:

@@ -9,15 +9,16 @@ from __future__ import annotations
 import csv
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fedcrypt.cli.errors import user_errors
 from fedcrypt.config.job import JobError
 from fedcrypt.config.vertical import GUEST, load_vertical_job
 from fedcrypt.transport.certs import CertError, client_files, server_files, tls_or_insecure
@@ -27,7 +28,6 @@ from fedcrypt.vertical.federation import VerticalError, VerticalResult, load_gue
 from fedcrypt.vertical.network import join_party, psi_connect, psi_listen, run_in_process, run_processes, serve_guest
 
 console = Console()
-err_console = Console(stderr=True)
 _PHASES = {"psi": "intersecting IDs", "train": "training", "score": "scoring"}
 
 CertsOpt = Annotated[Path | None, typer.Option("--certs", help="Folder from `fedcrypt certs` (mutual TLS).")]
@@ -35,14 +35,8 @@ InsecureOpt = Annotated[bool, typer.Option(help="Plaintext, unauthenticated gRPC
 WorkersOpt = Annotated[int | None, typer.Option(min=1, help="Processes for PSI and Paillier work (default: all cores).")]
 
 
-@contextmanager
-def _user_errors() -> Iterator[None]:
-    """Bad input and failed runs print one ``error:`` line and exit with status 2."""
-    try:
-        yield
-    except (VerticalError, VerticalDataError, JobError, CertError, ValueError, OSError) as exc:
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+# Bad input and failed runs: one ``error:`` line, exit status 2.
+_user_errors = partial(user_errors, VerticalError, VerticalDataError, JobError, CertError)
 
 
 @contextmanager

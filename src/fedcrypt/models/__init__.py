@@ -1,6 +1,6 @@
 """Models and the local training loop clients run."""
 
 from fedcrypt.models.training import LocalTrainer, TrainConfig
-from fedcrypt.models.zoo import MODELS, MLP, LogisticRegression, McMahanCNN, build_model
+from fedcrypt.models.zoo import MODELS, MLP, LogisticRegression, McMahanCNN, ModelSpec, build_model
 
-__all__ = ["MLP", "MODELS", "LocalTrainer", "LogisticRegression", "McMahanCNN", "TrainConfig", "build_model"]
+__all__ = ["MLP", "MODELS", "LocalTrainer", "LogisticRegression", "McMahanCNN", "ModelSpec", "TrainConfig", "build_model"]

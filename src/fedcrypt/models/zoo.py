@@ -4,7 +4,9 @@ job file can name."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -65,3 +67,44 @@ def build_model(
             raise ValueError(f"the cnn model needs 28x28 images, the dataset gives {tuple(input_shape)}")
         return McMahanCNN(input_shape[0], num_classes)
     raise ValueError(f"unknown model {name!r}; available: {', '.join(MODELS)}")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything that rebuilds a built-in model and says what it expects: written beside
+    ``model.pt`` as ``model.json``, read by ``fedcrypt serve``."""
+
+    name: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    class_names: tuple[str, ...]
+    hidden: tuple[int, ...] = (64, 64)
+    dataset: str = ""
+
+    def build(self) -> nn.Module:
+        return build_model(self.name, self.input_shape, self.num_classes, hidden=self.hidden)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.name, "input_shape": list(self.input_shape), "num_classes": self.num_classes,
+                "class_names": list(self.class_names), "hidden": list(self.hidden), "dataset": self.dataset}
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> ModelSpec:
+        """Parse :meth:`to_json`'s output, naming the first field that is missing or wrong."""
+        def ints(key: str) -> tuple[int, ...]:
+            value = raw.get(key)
+            if not isinstance(value, list) or not all(type(v) is int and v >= 1 for v in value):
+                raise ValueError(f"{key} must be a list of positive integers, got {value!r}")
+            return tuple(value)
+
+        name, num_classes, names = raw.get("model"), raw.get("num_classes"), raw.get("class_names")
+        if name not in MODELS:
+            raise ValueError(f"model must be one of {', '.join(MODELS)}, got {name!r}")
+        if type(num_classes) is not int or num_classes < 2:
+            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+        if not isinstance(names, list) or len(names) != num_classes or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"class_names must be {num_classes} strings, got {names!r}")
+        shape = ints("input_shape")
+        if not shape:
+            raise ValueError("input_shape must not be empty")
+        return cls(name, shape, num_classes, tuple(names), ints("hidden"), str(raw.get("dataset", "")))

@@ -1,6 +1,7 @@
 """A run's output folder: ``job.toml`` (resolved), ``metrics.jsonl`` (one line per round, written
-as each round ends), ``model.pt`` (the final global state_dict, written atomically) and, for
-deployed servers, ``checkpoint.npz`` (see :mod:`fedcrypt.tracking.checkpoint`)."""
+as each round ends), ``model.pt`` (the final global state_dict, written atomically), ``model.json``
+(what rebuilds a built-in model, for ``fedcrypt serve``), ``run_id`` (its row in the run store) and,
+for deployed servers, ``checkpoint.npz`` (see :mod:`fedcrypt.tracking.checkpoint`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 
 from fedcrypt.core.server import RoundRecord
+from fedcrypt.models.zoo import ModelSpec
 
 
 class RunDirectory:
@@ -25,13 +27,20 @@ class RunDirectory:
             raise OSError(f"cannot create output folder {self.path}: {exc.strerror or exc}") from None
         self.metrics_path = self.path / "metrics.jsonl"
         self.model_path = self.path / "model.pt"
+        self.spec_path = self.path / "model.json"
         self.job_path = self.path / "job.toml"
         self.checkpoint_path = self.path / "checkpoint.npz"
         if resume:
             return
-        if self.metrics_path.exists() and self.metrics_path.stat().st_size:
-            raise FileExistsError(f"{self.path} already holds a run; choose another output folder or --resume")
+        self.refuse_used(self.path)
         self.metrics_path.write_text("")
+
+    @staticmethod
+    def refuse_used(path: Path) -> None:
+        """Raise :class:`FileExistsError` if ``path`` already holds a run's metrics."""
+        metrics = Path(path) / "metrics.jsonl"
+        if metrics.exists() and metrics.stat().st_size:
+            raise FileExistsError(f"{path} already holds a run; choose another output folder or --resume")
 
     def write_job(self, toml_text: str) -> None:
         self._atomic_write(self.job_path, toml_text.encode())
@@ -46,7 +55,10 @@ class RunDirectory:
         kept = [line for line in lines if json.loads(line)["round"] <= last_round]
         self._atomic_write(self.metrics_path, "".join(line + "\n" for line in kept).encode())
 
-    def write_model(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+    def write_model(self, state_dict: Mapping[str, torch.Tensor], spec: ModelSpec | None = None) -> None:
+        """Write the final weights and, for a built-in model, the spec that rebuilds it."""
+        if spec is not None:
+            self._atomic_write(self.spec_path, (json.dumps(spec.to_json(), indent=2) + "\n").encode())
         tmp = self.model_path.with_suffix(".pt.tmp")
         torch.save(dict(state_dict), tmp)
         os.replace(tmp, self.model_path)

@@ -76,6 +76,10 @@ class StoreError(Exception):
     """The store cannot be opened or used; the message names it and why."""
 
 
+class RunNotFound(StoreError):
+    """No run (or more than one) has the id or prefix asked for."""
+
+
 @dataclass(frozen=True)
 class RunSummary:
     id: str
@@ -183,16 +187,23 @@ class RunStore:
             rows = connection.execute(query).mappings().all()
             return [self._summary(connection, dict(row)) for row in rows]
 
-    def get(self, run_id: str) -> RunDetail:
-        """One run and its rounds; ``run_id`` may be a unique prefix."""
+    def mechanisms(self) -> list[str]:
+        """The mechanisms of the recorded runs, sorted."""
+        with self._reading() as connection:
+            return list(connection.execute(select(_runs.c.mechanism).distinct().order_by(_runs.c.mechanism)).scalars())
+
+    def get(self, run_id: str, *, after: int = 0) -> RunDetail:
+        """One run and its rounds numbered above ``after`` (a live view asks only for new ones);
+        ``run_id`` may be a unique prefix."""
         with self._reading() as connection:
             rows = connection.execute(select(_runs).where(_runs.c.id.startswith(run_id, autoescape=True))
                                       ).mappings().all()
             if len(rows) != 1:
                 found = "no run" if not rows else f"{len(rows)} runs"
-                raise StoreError(f"{found} with id {run_id!r} in {self.location}")
+                raise RunNotFound(f"{found} with id {run_id!r} in {self.location}")
             summary = self._summary(connection, dict(rows[0]))
-            records = connection.execute(select(_rounds.c.record).where(_rounds.c.run_id == summary.id)
+            records = connection.execute(select(_rounds.c.record)
+                                         .where((_rounds.c.run_id == summary.id) & (_rounds.c.round > after))
                                          .order_by(_rounds.c.round)).scalars().all()
         return RunDetail(summary, [json.loads(record) for record in records])
 
