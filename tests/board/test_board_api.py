@@ -3,14 +3,22 @@ ones when asked), clear 404/422/503 answers, and every page asset served by the 
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import socket
 import sqlite3
+import subprocess
+import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from typer.testing import CliRunner
 
 from fedcrypt.board import create_app
+from fedcrypt.cli.main import app
 from fedcrypt.core.server import RoundRecord
 from fedcrypt.tracking.store import RunStore
 
@@ -80,3 +88,23 @@ def test_the_board_package_ships_its_chart_library() -> None:
     static = Path(create_app.__code__.co_filename).parent / "static"
     assert (static / "vendor" / "chart.umd.min.js").stat().st_size > 100_000
     assert "MIT" in (static / "vendor" / "chart.js-LICENSE.md").read_text()
+
+
+def test_fedcrypt_board_serves_the_store_and_refuses_a_busy_port(store: RunStore) -> None:
+    env = {**os.environ, "COLUMNS": "300"}
+    command = [sys.executable, "-m", "fedcrypt.cli", "board", "--store", store.location, "--port", "0"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as board:
+        try:
+            line = board.stdout.readline()  # type: ignore[union-attr]
+            url = re.search(r"http://127\.0\.0\.1:\d+", line)
+            assert url, line
+            with urllib.request.urlopen(url.group() + "/api/runs", timeout=10) as answer:
+                assert [run["job"] for run in json.load(answer)["runs"]] == ["b", "a"]
+        finally:
+            board.terminate()
+            board.wait(timeout=10)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        result = CliRunner().invoke(app, ["board", "--store", store.location, "--port", str(busy.getsockname()[1])])
+    assert result.exit_code == 2 and "cannot listen on 127.0.0.1" in result.output

@@ -88,8 +88,8 @@ def run(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only the final summary.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each step.")] = False,
 ) -> None:
-    """Run a job as an in-process simulation and write metrics.jsonl, model.pt and job.toml;
-    the run is recorded in the run store (`fedcrypt runs`)."""
+    """Run a job as an in-process simulation and write metrics.jsonl, model.pt, model.json and
+    job.toml; the run is recorded in the run store (`fedcrypt runs`, `fedcrypt board`)."""
     _setup_logging(verbose)
     with _user_errors():
         job = _load(job_file, job={k: v for k, v in (("rounds", rounds), ("seed", seed)) if v is not None})
@@ -112,7 +112,7 @@ def run(
     console.print(
         f"[bold green]done[/] in {time.perf_counter() - started:.1f} s: final accuracy "
         f"[bold]{result.final_accuracy:.4f}[/], {failed} failed rounds; wrote {out_dir}/"
-        "{metrics.jsonl, model.pt, job.toml}",
+        "{metrics.jsonl, model.pt, model.json, job.toml}",
         highlight=False,
     )
 
