@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import subprocess
+import sys
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import pytest
@@ -40,3 +45,26 @@ def chromium() -> tuple[str, str]:
     """Debian's Chromium and its ChromeDriver: (browser, driver)."""
     return (_service("FEDCRYPT_TEST_CHROMIUM", "Chromium", shutil.which("chromium")),
             _service("FEDCRYPT_TEST_CHROMEDRIVER", "ChromeDriver", shutil.which("chromedriver")))
+
+
+@contextmanager
+def _listening(arguments: list[str]) -> Iterator[str]:
+    """Run ``fedcrypt ARGUMENTS --port 0`` (board, serve) and yield the http://127.0.0.1:PORT it
+    prints once listening; the process is stopped afterwards."""
+    command = [sys.executable, "-m", "fedcrypt.cli", *arguments, "--port", "0"]
+    env = {**os.environ, "COLUMNS": "300"}
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as process:
+        try:
+            line = process.stdout.readline()  # type: ignore[union-attr]
+            url = re.search(r"http://127\.0\.0\.1:\d+", line)
+            assert url, f"{line}{process.stderr.read() if process.poll() is not None else ''}"  # type: ignore[union-attr]
+            yield url.group()
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
+
+
+@pytest.fixture
+def fedcrypt_listening() -> Callable[[list[str]], AbstractContextManager[str]]:
+    """Starts a listening ``fedcrypt`` command: ``with fedcrypt_listening(["serve", run]) as url``."""
+    return _listening

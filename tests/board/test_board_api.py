@@ -4,13 +4,12 @@ ones when asked), clear 404/422/503 answers, and every page asset served by the 
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import sqlite3
-import subprocess
-import sys
 import urllib.request
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
@@ -90,19 +89,11 @@ def test_the_board_package_ships_its_chart_library() -> None:
     assert "MIT" in (static / "vendor" / "chart.js-LICENSE.md").read_text()
 
 
-def test_fedcrypt_board_serves_the_store_and_refuses_a_busy_port(store: RunStore) -> None:
-    env = {**os.environ, "COLUMNS": "300"}
-    command = [sys.executable, "-m", "fedcrypt.cli", "board", "--store", store.location, "--port", "0"]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as board:
-        try:
-            line = board.stdout.readline()  # type: ignore[union-attr]
-            url = re.search(r"http://127\.0\.0\.1:\d+", line)
-            assert url, line
-            with urllib.request.urlopen(url.group() + "/api/runs", timeout=10) as answer:
-                assert [run["job"] for run in json.load(answer)["runs"]] == ["b", "a"]
-        finally:
-            board.terminate()
-            board.wait(timeout=10)
+def test_fedcrypt_board_serves_the_store_and_refuses_a_busy_port(
+        store: RunStore, fedcrypt_listening: Callable[[list[str]], AbstractContextManager[str]]) -> None:
+    with fedcrypt_listening(["board", "--store", store.location]) as url:
+        with urllib.request.urlopen(url + "/api/runs", timeout=10) as answer:
+            assert [run["job"] for run in json.load(answer)["runs"]] == ["b", "a"]
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

@@ -5,12 +5,12 @@ problem while the server goes on answering."""
 from __future__ import annotations
 
 import json
-import os
-import re
 import shutil
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import numpy as np
@@ -140,19 +140,11 @@ def test_a_run_without_model_json_is_served_from_its_job(run_dir: Path, tmp_path
     np.testing.assert_allclose(load_served_model(older).predict(inputs), _by_hand(run_dir, inputs), atol=1e-6)
 
 
-def test_fedcrypt_serve_listens_and_refuses_bad_folders(run_dir: Path, tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "fedcrypt.cli", "serve", str(run_dir), "--port", "0"]
-    env = {**os.environ, "COLUMNS": "300"}
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as server:
-        try:
-            line = server.stdout.readline()  # type: ignore[union-attr]
-            url = re.search(r"http://127\.0\.0\.1:\d+", line)
-            assert url, line
-            with urllib.request.urlopen(url.group() + "/health", timeout=10) as answer:
-                assert json.load(answer) == {"status": "ok"}
-        finally:
-            server.terminate()
-            server.wait(timeout=10)
+def test_fedcrypt_serve_listens_and_refuses_bad_folders(
+        run_dir: Path, tmp_path: Path, fedcrypt_listening: Callable[[list[str]], AbstractContextManager[str]]) -> None:
+    with fedcrypt_listening(["serve", str(run_dir)]) as url:
+        with urllib.request.urlopen(url + "/health", timeout=10) as answer:
+            assert json.load(answer) == {"status": "ok"}
     missing = subprocess.run([sys.executable, "-m", "fedcrypt.cli", "serve", str(tmp_path / "nope")],
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "no such directory" in missing.stderr and "Traceback" not in missing.stderr
