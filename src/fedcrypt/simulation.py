@@ -22,7 +22,7 @@ from fedcrypt.data import Dataset, load_dataset, partition
 from fedcrypt.mechanisms import helpers_of, simulation_mechanisms
 from fedcrypt.mechanisms.dp import DpMechanism
 from fedcrypt.models.training import ClientData, LocalTrainer, TrainConfig
-from fedcrypt.models.zoo import ModelSpec, build_model
+from fedcrypt.models.zoo import ModelSpec
 from fedcrypt.strategies import STRATEGIES, Strategy
 from fedcrypt.tracking.rundir import RunDirectory
 from fedcrypt.transport.inprocess import InProcessTransport
@@ -151,7 +151,7 @@ def build_trainer(config: JobConfig, dataset: Dataset, model_factory: ModelFacto
     if model_factory is not None:
         model = model_factory()
     else:
-        model = build_model(config.model.name, dataset.input_shape, dataset.num_classes, hidden=config.model.hidden)
+        model = model_spec(config, dataset).build()
     return LocalTrainer(model, TrainConfig(**config.train.model_dump()))
 
 
