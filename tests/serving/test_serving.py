@@ -5,9 +5,13 @@ problem while the server goes on answering."""
 from __future__ import annotations
 
 import json
+import pickle
+import secrets
 import shutil
+import ssl
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -22,7 +26,9 @@ from fedcrypt.config.job import load_job
 from fedcrypt.data import load_dataset
 from fedcrypt.models.zoo import build_model
 from fedcrypt.serving import ServingError, create_app, load_served_model
+from fedcrypt.serving.http import HttpServer
 from fedcrypt.simulation import simulate
+from fedcrypt.transport.certs import write_bundle
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -130,6 +136,10 @@ def test_unservable_folders_are_named(run_dir: Path, tmp_path: Path) -> None:
     (broken / "model.json").write_text(json.dumps({**spec, "hidden": [32]}))
     with pytest.raises(ServingError, match="does not hold the weights of the mlp model"):
         load_served_model(broken)
+    for garbage in (secrets.token_bytes(100), b"PK\x03\x04 not a zip", pickle.dumps({"weights": object()})):
+        (broken / "model.pt").write_bytes(garbage)
+        with pytest.raises(ServingError, match="is not a file of saved weights"):
+            load_served_model(broken)
 
 
 def test_a_run_without_model_json_is_served_from_its_job(run_dir: Path, tmp_path: Path) -> None:
@@ -148,3 +158,15 @@ def test_fedcrypt_serve_listens_and_refuses_bad_folders(
     missing = subprocess.run([sys.executable, "-m", "fedcrypt.cli", "serve", str(tmp_path / "nope")],
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "no such directory" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_https_with_certificates_from_fedcrypt_certs(run_dir: Path, tmp_path: Path) -> None:
+    write_bundle(tmp_path, ["client"])
+    context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+    app = create_app(load_served_model(run_dir))
+    with HttpServer(app, certfile=str(tmp_path / "server.pem"), keyfile=str(tmp_path / "server.key")) as server:
+        assert server.url.startswith("https://127.0.0.1:")
+        with urllib.request.urlopen(server.url + "/health", timeout=10, context=context) as answer:
+            assert json.load(answer) == {"status": "ok"}
+        with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+            urllib.request.urlopen(server.url + "/health", timeout=10, context=ssl.create_default_context())

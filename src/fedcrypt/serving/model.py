@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import tomllib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,10 +72,17 @@ def load_served_model(run_dir: str | Path) -> ServedModel:
     job = _read_job(folder / "job.toml")
     spec = _read_spec(folder / "model.json", job)
     try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        model = spec.build()
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing a foreign file
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ServingError(f"{weights} is not a file of saved weights (it holds more than tensors, or is corrupt)") from None
+    except (RuntimeError, ValueError, OSError, EOFError) as exc:
+        raise ServingError(f"{weights} is not a file of saved weights: {str(exc).splitlines()[0]}") from None
+    model = spec.build()
+    try:
         model.load_state_dict(state)
-    except (RuntimeError, ValueError, OSError, EOFError, AttributeError) as exc:
+    except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
         raise ServingError(f"{weights} does not hold the weights of the {spec.name} model in model.json: "
                            f"{str(exc).splitlines()[0]}") from None
     model.eval()
