@@ -4,7 +4,7 @@ through the same server/client code and message bytes as a deployment."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,15 +134,35 @@ def model_spec(config: JobConfig, dataset: Dataset) -> ModelSpec:
 
 
 def partition_clients(config: JobConfig, dataset: Dataset) -> list[np.ndarray]:
-    """Each client's training-set indices, as the job's partitioner assigns them."""
-    return partition(
-        dataset.y_train,
+    """Each client's training-set indices, as the job's partitioner assigns them.
+
+    With ``data.train_samples`` only a seeded random subset of that many training examples is
+    partitioned; the indices still point into the full training set.
+    """
+    available = len(dataset.y_train)
+    wanted = config.data.train_samples
+    if wanted is None:
+        subset = np.arange(available, dtype=np.int64)
+    elif wanted > available:
+        raise ValueError(
+            f"data.train_samples ({wanted}) exceeds the {available} training examples of {dataset.name}"
+        )
+    else:
+        # its own stream (not the partitioner's), so the subset does not echo the partition's draws
+        rng = np.random.default_rng(np.random.SeedSequence([config.job.seed, _SUBSET_STREAM]))
+        subset = np.sort(rng.choice(available, size=wanted, replace=False)).astype(np.int64)
+    parts = partition(
+        dataset.y_train[subset],
         config.data.num_clients,
         config.data.partition,
         seed=config.job.seed,
         alpha=config.data.alpha,
         shards_per_client=config.data.shards_per_client,
     )
+    return parts if wanted is None else [subset[part] for part in parts]
+
+
+_SUBSET_STREAM = 0x7375627365  # "subse": tags the train_samples subset's random stream
 
 
 def build_trainer(config: JobConfig, dataset: Dataset, model_factory: ModelFactory | None = None) -> LocalTrainer:
@@ -168,6 +188,28 @@ def _build(config: JobConfig, dataset: Dataset, trainer: LocalTrainer) -> Server
     x_train, y_train = train_tensors(dataset)
     test = evaluation_data(dataset)
     parts = partition_clients(config, dataset)
+    data = {
+        name: ClientData(x_train, y_train, torch.from_numpy(indices))
+        for name, indices in zip(client_names(config.data.num_clients), parts)
+    }
+    return build_server(config, trainer, data, evaluate=lambda params: trainer.evaluate(params, test))
+
+
+#: Wraps the server's mechanism instance, given the clients' instance (the privacy audit's tap).
+MechanismTap = Callable[[Mechanism, Mechanism], Mechanism]
+
+
+def build_server(
+    config: JobConfig,
+    trainer: LocalTrainer,
+    client_data: Mapping[str, ClientData],
+    *,
+    evaluate: Callable[[np.ndarray], tuple[float, float]] | None = None,
+    dp_job: JobConfig | None = None,
+    tap: MechanismTap | None = None,
+) -> Server:
+    """A server over in-process clients holding ``client_data``, protected by the job's
+    mechanism with the DP of ``dp_job`` (default: the job's own)."""
     privacy = config.privacy
     key_dir = Path(privacy.keys) if privacy.keys else None
     helpers, helper_keys = start_helpers(config, key_dir) if helpers_of(privacy.mechanism, privacy.options) else (None, None)
@@ -175,17 +217,12 @@ def _build(config: JobConfig, dataset: Dataset, trainer: LocalTrainer) -> Server
         server_side, client_side = simulation_mechanisms(
             privacy.mechanism, key_dir=key_dir, spec=trainer.spec, options=privacy.options, helper_keys=helper_keys
         )
-        server_side, client_side = with_dp(server_side, config), with_dp(client_side, config)
+        server_side, client_side = with_dp(server_side, dp_job or config), with_dp(client_side, dp_job or config)
+        if tap is not None:
+            server_side = tap(server_side, client_side)
         clients = {
-            name: Client(
-                name,
-                config.job.name,
-                trainer,
-                ClientData(x_train, y_train, torch.from_numpy(indices)),
-                client_side,
-                seed=config.job.seed,
-            )
-            for name, indices in zip(client_names(config.data.num_clients), parts)
+            name: Client(name, config.job.name, trainer, data, client_side, seed=config.job.seed)
+            for name, data in client_data.items()
         }
         return Server(
             job=config.job.name,
@@ -194,7 +231,7 @@ def _build(config: JobConfig, dataset: Dataset, trainer: LocalTrainer) -> Server
             params=trainer.initial_params(),
             transport=InProcessTransport(clients),
             seed=config.job.seed,
-            evaluate=lambda params: trainer.evaluate(params, test),
+            evaluate=evaluate,
             helpers=helpers,
         )
     except BaseException:

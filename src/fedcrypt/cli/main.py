@@ -21,6 +21,7 @@ from fedcrypt import __version__
 from fedcrypt.config.job import JobConfig, JobError, load_job
 from fedcrypt.core.server import RoundRecord
 from fedcrypt.data import DatasetError, load_dataset, summarize, summary_table
+from fedcrypt.cli.audit import audit
 from fedcrypt.cli.certs import certs
 from fedcrypt.cli.errors import err_console, user_errors
 from fedcrypt.cli.keys import keys_app
@@ -315,6 +316,7 @@ app.command()(psi)
 app.add_typer(runs_app)
 app.command()(board)
 app.command(name="serve")(serve_run)
+app.command()(audit)
 
 
 @app.command()

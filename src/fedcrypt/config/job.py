@@ -41,6 +41,10 @@ class DataSection(_Section):
     alpha: float = Field(0.5, gt=0, le=1e6)
     shards_per_client: int = Field(2, ge=1, le=1000)
     data_dir: str | None = None
+    train_samples: int | None = Field(
+        None, ge=1, le=100_000_000,
+        description="use only this many training examples (a seeded random subset), e.g. for a privacy audit",
+    )
 
     _dataset = field_validator("dataset")(lambda v: _check_choice("dataset", v, DATASETS))
     _partition = field_validator("partition")(lambda v: _check_choice("partition", v, PARTITION_METHODS))

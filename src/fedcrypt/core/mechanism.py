@@ -199,6 +199,13 @@ class Mechanism(ABC):
         """Helper aggregator ``helper``'s half of a round (runs in the helper's process)."""
         raise NotImplementedError(f"mechanism {self.name!r} has no helper aggregators")
 
+    def server_view(self, stage: str, payload: Payload, ctx: RoundContext) -> np.ndarray | None:
+        """What the server can read of one client's contribution in its reply to ``stage``: a
+        float32 array of ``ctx.vector_size`` with NaN where it reads nothing, or None when the
+        reply shows none of the contribution's values (ciphertexts, keys, shares of seeds).
+        The privacy audit attacks exactly this. By default a reply shows nothing."""
+        return None
+
     def finalize(self, summed: np.ndarray, ctx: RoundContext) -> np.ndarray:
         """Server-side processing of the recovered sum before averaging (central DP noise)."""
         return summed

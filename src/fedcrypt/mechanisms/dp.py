@@ -111,6 +111,10 @@ class DpMechanism(Mechanism):
     def recover(self, aggregate: Payload, ctx: RoundContext) -> np.ndarray:
         return self.inner.recover(aggregate, ctx)
 
+    def server_view(self, stage: str, payload: Payload, ctx: RoundContext) -> np.ndarray | None:
+        """The inner mechanism's view of the clipped (and, unless noise is central, noised) update."""
+        return self.inner.server_view(stage, payload, ctx)
+
     def split(self, aggregate: Payload, ctx: RoundContext, pieces: int) -> list[AggregatePiece]:
         return self.inner.split(aggregate, ctx, pieces)
 

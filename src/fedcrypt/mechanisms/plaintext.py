@@ -50,6 +50,10 @@ class PlaintextMechanism(OneShotMechanism[np.ndarray]):
     def to_payload(self, accumulator: np.ndarray, ctx: RoundContext) -> Payload:
         return Payload(arrays={"sum": accumulator})
 
+    def server_view(self, stage: str, payload: Payload, ctx: RoundContext) -> np.ndarray | None:
+        vector = payload.arrays.get("vector")
+        return None if vector is None else np.array(vector, dtype=np.float32)
+
     def recover(self, aggregate: Payload, ctx: RoundContext) -> np.ndarray:
         total = aggregate.arrays.get("sum")
         if total is None or total.shape != (ctx.vector_size,) or total.dtype != np.float32:

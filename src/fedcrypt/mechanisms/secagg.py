@@ -118,6 +118,11 @@ class SecAggMechanism(Mechanism):
             raise RecoveryError("secagg aggregate has no int64 sum of the expected size")
         return ring.decode(total)
 
+    def server_view(self, stage: str, payload: Payload, ctx: RoundContext) -> np.ndarray | None:
+        """The masked vector, read as fixed point: every value is there, each hidden by pad words."""
+        masked = payload.arrays.get("y") if stage == MASK else None
+        return None if masked is None else ring.decode(masked)
+
 
 # --- server -----------------------------------------------------------------------------------
 

@@ -154,6 +154,19 @@ class SelectiveCkksMechanism(Mechanism):
         out[~mask] = plain
         return out
 
+    def server_view(self, stage: str, payload: Payload, ctx: RoundContext) -> np.ndarray | None:
+        """The plaintext part in place, NaN under the mask. Reading it needs the mask's bits,
+        which a client instance holds (and a server instance for layer masks); the audit assumes
+        the server knows them."""
+        plain = payload.arrays.get("plain") if stage == PROTECT_STAGE else None
+        if plain is None:
+            return None
+        if self.mask is None:
+            raise ValueError("this instance holds no encryption mask to place the plaintext part")
+        view = np.full(self.mask.shape[0], np.nan, dtype=np.float32)
+        view[~self.mask] = plain
+        return view
+
     # --- shared by both halves -------------------------------------------------------------
 
     def _check_size(self, ctx: RoundContext, error: type[Exception] = ValueError) -> None:

@@ -137,6 +137,11 @@ class SharesMechanism(Mechanism):
             raise RecoveryError("shares aggregate has no int64 sum of the expected size")
         return ring.decode(total)
 
+    def server_view(self, stage: str, payload: Payload, ctx: RoundContext) -> np.ndarray | None:
+        """The server's own share, read as fixed point (the helpers' shares never reach it)."""
+        share = payload.arrays.get("share") if stage == PROTECT else None
+        return None if share is None else ring.decode(share)
+
     def helper_public_key(self) -> bytes:
         """This helper's public key, which clients seal its seeds to."""
         if self._helper_key is None:
