@@ -29,10 +29,6 @@ log = logging.getLogger(__name__)
 
 RULES = ("sensitivity", "magnitude", "random", "layer")
 RATIOS = (0.0, 0.01, 0.05, 0.1, 0.3, 1.0)
-#: Mean PSNR from which a reconstruction shows the input ("the attack works").
-WORKS_PSNR = 30.0
-#: Mean PSNR at or below which reconstructions are noise ("the attack failed").
-NOISE_PSNR = 12.0
 
 Progress = Callable[[str], None]
 

@@ -32,8 +32,11 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from sklearn.ensemble import GradientBoostingClassifier
+from sklearn.base import clone
+from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from fedcrypt.config.job import JobConfig, parse_job
@@ -70,7 +73,7 @@ def predict_log_proba(model: nn.Module, x: ArrayLike, *, batch_size: int = 1024)
     Log-probabilities rather than probabilities: a well-fit model gives members probabilities
     that round to 1.0 in float32, and the attacks need the difference.
     """
-    inputs = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
+    inputs = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.require(x, requirements="W"))
     was_training = model.training
     model.eval()
     try:
@@ -140,7 +143,7 @@ def _scores_and_truth(member_scores: ArrayLike, nonmember_scores: ArrayLike) -> 
         raise ValueError(f"need members and non-members to score an attack, got {len(members)} and {len(others)}")
     scores = np.concatenate([members, others])
     if not np.isfinite(scores).all():
-        raise ValueError("attack scores must be finite")
+        raise ValueError("attack scores must be finite (did the model's training diverge?)")
     truth = np.concatenate([np.ones(len(members)), np.zeros(len(others))])
     return truth, scores
 
@@ -158,9 +161,19 @@ def membership_advantage(member_scores: ArrayLike, nonmember_scores: ArrayLike) 
     return float(max(0.0, np.max(tpr - fpr)))
 
 
+def null_auc_stderr(members: int, nonmembers: int) -> float:
+    """The standard error of the AUC of an attack that learns nothing, for these sample sizes
+    (Mann-Whitney: ``sqrt((m + n + 1) / (12 m n))``): the yardstick for "within 0.05 of 0.5"."""
+    if members < 1 or nonmembers < 1:
+        raise ValueError(f"need members and non-members, got {members} and {nonmembers}")
+    return math.sqrt((members + nonmembers + 1) / (12 * members * nonmembers))
+
+
 def evaluate_attack(member_scores: ArrayLike, nonmember_scores: ArrayLike) -> AttackResult:
     """AUC and advantage of one attack's scores."""
-    return AttackResult(attack_auc(member_scores, nonmember_scores), membership_advantage(member_scores, nonmember_scores))
+    return AttackResult(
+        attack_auc(member_scores, nonmember_scores), membership_advantage(member_scores, nonmember_scores)
+    )
 
 
 # --- the attacks ------------------------------------------------------------------------------
@@ -189,7 +202,9 @@ class ShadowModelAttack:
     :meth:`fit` trains ``shadow_models`` models with ``train_shadow`` on the attacker's own data:
     each draws ``2 * in_size`` examples, trains on half ("in") and keeps the other half "out";
     the features (:func:`attack_features`) of both halves label an attack classifier (default:
-    scikit-learn's gradient boosting) that :meth:`score_samples` applies to any model.
+    logistic regression on standardized features, which needs little data and extrapolates
+    monotonically; any scikit-learn classifier can be given) that :meth:`score_samples` applies
+    to any model.
     """
 
     def __init__(
@@ -228,9 +243,10 @@ class ShadowModelAttack:
                      k + 1, self.shadow_models, self.shadow_results_[-1].auc)
             features += [f_in, f_out]
             truth += [np.ones(len(f_in)), np.zeros(len(f_out))]
-        classifier = self.classifier or GradientBoostingClassifier(
-            n_estimators=100, max_depth=3, learning_rate=0.1, random_state=self.seed
-        )
+        if self.classifier is not None:
+            classifier = clone(self.classifier)  # a fresh, unfitted copy: fit() may be called again
+        else:
+            classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
         classifier.fit(np.concatenate(features), np.concatenate(truth))
         self.classifier_ = classifier
         return self
@@ -302,9 +318,9 @@ class MembershipSplits:
     """Disjoint example sets of one audit (indices into the dataset's train or test arrays)."""
 
     members: np.ndarray  # train indices the job trained on (a sample of them)
-    nonmembers: np.ndarray  # test indices, as many as members
-    shadow_train: np.ndarray  # train indices the job never used (only with data.train_samples)
-    shadow_test: np.ndarray  # test indices not among the non-members
+    nonmembers: np.ndarray  # test indices, as many as members and with their label counts
+    shadow_train: np.ndarray  # shadow data: train indices the job never uses (data.train_samples)
+    shadow_test: np.ndarray  # shadow data: test indices that are not non-members
     trained_on: int  # how many examples the job trained on
     shadow_in: int  # examples each shadow model trains on (as many out)
 
@@ -324,15 +340,24 @@ class MembershipSplits:
             "shadow_out": self.shadow_in,
         }
 
+    def shadow_data(self, dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
+        """The shadow pool's inputs and labels."""
+        return (np.concatenate([dataset.x_train[self.shadow_train], dataset.x_test[self.shadow_test]]),
+                np.concatenate([dataset.y_train[self.shadow_train], dataset.y_test[self.shadow_test]]))
 
-def membership_splits(config: JobConfig, dataset: Dataset, members: int = 1000) -> MembershipSplits:
+
+def membership_splits(
+    config: JobConfig, dataset: Dataset, members: int = 1000, shadow_models: int = 2
+) -> MembershipSplits:
     """Members: up to ``members`` of the examples the job's clients train on. Non-members: as many
-    test examples. Shadow data: the other test examples and the training examples the job does
-    not use (``data.train_samples``); each shadow model trains on as many as the target (at least
-    ``MIN_SHADOW``, or fewer if the target trained on fewer), so the test set must be large enough.
+    test examples, with the same label counts. Shadow data: drawn from the other test examples
+    and the training examples the job does not use (``data.train_samples``), enough for
+    ``shadow_models`` disjoint in/out pairs where there is that much. Each shadow model trains on
+    as many examples as the target (at least ``MIN_SHADOW``, or fewer if the target trained on
+    fewer), so the test set must be large enough. All choices are seeded by the job seed.
     """
-    if members < 1:
-        raise ValueError(f"members must be >= 1, got {members}")
+    if members < 1 or shadow_models < 1:
+        raise ValueError(f"members and shadow_models must be >= 1, got {members} and {shadow_models}")
     trained = np.unique(np.concatenate(partition_clients(config, dataset)))
     unused = np.setdiff1d(np.arange(len(dataset.y_train)), trained, assume_unique=True)
     count = min(members, len(trained))
@@ -347,9 +372,32 @@ def membership_splits(config: JobConfig, dataset: Dataset, members: int = 1000) 
         )
     rng = np.random.default_rng(np.random.SeedSequence([config.job.seed, _SPLIT_STREAM]))
     member_idx = np.sort(rng.choice(trained, size=count, replace=False))
-    test_order = rng.permutation(n_test)
-    nonmembers, shadow_test = np.sort(test_order[:count]), np.sort(test_order[count:])
-    return MembershipSplits(member_idx, nonmembers, unused, shadow_test, len(trained), shadow_in)
+    nonmembers = _same_labels(dataset.y_train[member_idx], dataset, rng)
+    rest = np.setdiff1d(np.arange(n_test), nonmembers, assume_unique=True)
+    # the pool: a random draw from unused training and remaining test examples, no larger than needed
+    pool = rng.permutation(len(unused) + len(rest))[: 2 * shadow_in * shadow_models]
+    shadow_train = np.sort(unused[pool[pool < len(unused)]])
+    shadow_test = np.sort(rest[pool[pool >= len(unused)] - len(unused)])
+    return MembershipSplits(member_idx, nonmembers, shadow_train, shadow_test, len(trained), shadow_in)
+
+
+def _same_labels(member_labels: np.ndarray, dataset: Dataset, rng: np.random.Generator) -> np.ndarray:
+    """Test indices with exactly the members' label counts (a random choice within each class).
+
+    Matching the labels keeps the comparison about membership: a badly fit model's loss depends
+    mostly on the class, so a different class mix alone would move the AUC away from 0.5.
+    """
+    chosen = []
+    for label, wanted in zip(*np.unique(member_labels, return_counts=True)):
+        candidates = np.flatnonzero(dataset.y_test == label)
+        if len(candidates) < wanted:
+            name = dataset.class_names[label] if 0 <= label < len(dataset.class_names) else label
+            raise ValueError(
+                f"{dataset.name}: the test set has {len(candidates)} examples of class {name!r}, fewer than "
+                f"the {wanted} members of that class to match; lower members"
+            )
+        chosen.append(rng.choice(candidates, size=wanted, replace=False))
+    return np.sort(np.concatenate(chosen))
 
 
 # --- the audit -------------------------------------------------------------------------------
@@ -386,6 +434,7 @@ class MembershipReport:
     splits: dict[str, int]
     shadow_models: int
     shadow_seconds: float  # training the shadow models and the attack classifier (shared by the rows)
+    auc_stderr: float  # standard error of the AUC of an attack that learns nothing (null_auc_stderr)
     rows: list[MembershipRow] = field(default_factory=list)
     note: str = ""
     seconds: float = 0.0
@@ -401,6 +450,7 @@ class MembershipReport:
             "splits": dict(self.splits),
             "shadow_models": self.shadow_models,
             "shadow_seconds": self.shadow_seconds,
+            "auc_stderr": self.auc_stderr,
             "rows": [row.to_json() for row in self.rows],
             "note": self.note,
             "seconds": self.seconds,
@@ -428,13 +478,12 @@ def audit_membership(
     started = time.perf_counter()
     say = progress or (lambda message: None)
     dataset = load_dataset(config.data.dataset, data_dir or config.data.data_dir)
-    splits = membership_splits(config, dataset, members)
+    splits = membership_splits(config, dataset, members, shadow_models)
     say(f"splits: {splits.to_json()}")
 
     x_member, y_member = dataset.x_train[splits.members], dataset.y_train[splits.members]
     x_non, y_non = dataset.x_test[splits.nonmembers], dataset.y_test[splits.nonmembers]
-    x_shadow = np.concatenate([dataset.x_train[splits.shadow_train], dataset.x_test[splits.shadow_test]])
-    y_shadow = np.concatenate([dataset.y_train[splits.shadow_train], dataset.y_test[splits.shadow_test]])
+    x_shadow, y_shadow = splits.shadow_data(dataset)
 
     shadow_started = time.perf_counter()
     say(f"training {shadow_models} shadow model(s) on {splits.shadow_in} examples each")
@@ -487,6 +536,7 @@ def audit_membership(
         splits=splits.to_json(),
         shadow_models=shadow_models,
         shadow_seconds=shadow_seconds,
+        auc_stderr=null_auc_stderr(len(splits.members), len(splits.nonmembers)),
         rows=rows,
         note=note,
         seconds=time.perf_counter() - started,

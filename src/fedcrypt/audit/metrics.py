@@ -11,6 +11,10 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 from skimage.metrics import mean_squared_error, peak_signal_noise_ratio, structural_similarity
 
+#: Mean PSNR from which a reconstruction shows the input ("the attack works").
+WORKS_PSNR = 30.0
+#: Mean PSNR at or below which reconstructions are noise ("the attack failed").
+NOISE_PSNR = 12.0
 #: PSNR of a perfect reconstruction is infinite; reports cap it here (an MSE of 1e-10 of the range squared).
 PSNR_CAP = 100.0
 

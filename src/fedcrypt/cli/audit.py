@@ -15,16 +15,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from fedcrypt.audit.inversion import ATTACKS
-from fedcrypt.audit.leakage import (
-    NOISE_PSNR,
-    RATIOS,
-    RULES,
-    WORKS_PSNR,
-    InversionReport,
-    SweepPoint,
-    audit_inversion,
-    selection_sweep,
-)
+from fedcrypt.audit.leakage import RATIOS, RULES, InversionReport, SweepPoint, audit_inversion, selection_sweep
+from fedcrypt.audit.metrics import NOISE_PSNR, WORKS_PSNR
 from fedcrypt.audit.membership import MembershipReport, audit_membership
 from fedcrypt.cli.errors import err_console, user_errors
 from fedcrypt.config.job import JobConfig, JobError, load_job
