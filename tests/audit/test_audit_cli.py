@@ -73,3 +73,16 @@ def test_bad_flags_are_one_line_errors(tmp_path: Path, args: list[str], message:
 def test_missing_job_file_is_a_one_line_error(tmp_path: Path) -> None:
     result = fedcrypt("audit", str(tmp_path / "nope.toml"))
     assert result.returncode == 2 and "cannot read job file" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_membership_audit_compares_with_and_without_dp(tmp_path: Path) -> None:
+    out = tmp_path / "mia"
+    result = fedcrypt("audit", str(REPO / "examples" / "audit" / "mia_dp.toml"), "--attack", "mia",
+                      "--members", "300", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "membership inference" in result.stdout and "without DP" in result.stdout
+    report = json.loads((out / "audit.json").read_text())["membership"]
+    dp, plain = report["rows"]
+    assert dp["epsilon"] == pytest.approx(8, abs=0.01) and plain["epsilon"] is None
+    assert plain["loss_auc"] > 0.62 and plain["train_accuracy"] == 1.0  # the attack works on the overfit model
+    assert abs(dp["loss_auc"] - 0.5) < 0.1 and abs(dp["shadow_auc"] - 0.5) < 0.1

@@ -200,7 +200,8 @@ class ShadowModelAttack:
     """Shokri et al. (2017), with one class-agnostic attack classifier (as Salem et al. 2019).
 
     :meth:`fit` trains ``shadow_models`` models with ``train_shadow`` on the attacker's own data:
-    each draws ``2 * in_size`` examples, trains on half ("in") and keeps the other half "out";
+    each takes ``2 * in_size`` examples (disjoint from the other shadows' while the data lasts),
+    trains on half ("in") and keeps the other half "out";
     the features (:func:`attack_features`) of both halves label an attack classifier (default:
     logistic regression on standardized features, which needs little data and extrapolates
     monotonically; any scikit-learn classifier can be given) that :meth:`score_samples` applies
@@ -230,15 +231,20 @@ class ShadowModelAttack:
         if not 1 <= in_size <= len(x) // 2:
             raise ValueError(f"shadow data of {len(x)} examples cannot give {in_size} in and {in_size} out")
         rng = np.random.default_rng(self.seed)
+        order = rng.permutation(len(x))
         features, truth = [], []
         self.shadow_results_ = []
         for k in range(self.shadow_models):
-            chosen = rng.permutation(len(x))[: 2 * in_size]
+            if 2 * in_size * (k + 1) <= len(x):
+                chosen = order[2 * in_size * k : 2 * in_size * (k + 1)]
+            else:  # the data is used up: a fresh draw, overlapping earlier shadows (as Shokri et al. allow)
+                chosen = rng.permutation(len(x))[: 2 * in_size]
             inside, outside = chosen[:in_size], chosen[in_size:]
             model = train_shadow(x[inside], y[inside], int(rng.integers(2**31)))
             f_in = attack_features(model, x[inside], y[inside], top_k=self.top_k)
             f_out = attack_features(model, x[outside], y[outside], top_k=self.top_k)
-            self.shadow_results_.append(evaluate_attack(f_in[:, -3], f_out[:, -3]))  # true-class log-prob
+            true_class = f_in.shape[1] - 3  # the true-class log-probability column
+            self.shadow_results_.append(evaluate_attack(f_in[:, true_class], f_out[:, true_class]))
             log.info("shadow model %d/%d: loss-attack AUC %.3f on its own split",
                      k + 1, self.shadow_models, self.shadow_results_[-1].auc)
             features += [f_in, f_out]
@@ -494,8 +500,7 @@ def audit_membership(
 
     jobs: list[tuple[str, JobConfig]] = []
     if config.dp is not None:
-        settings = config.dp_settings()
-        budget = settings.target_epsilon if settings and settings.target_epsilon else None
+        budget = config.dp.target_epsilon  # without one, the label shows the epsilon the job spent
         jobs.append((f"as configured (DP eps={budget:g})" if budget else "as configured (DP)", config))
         if compare_without_dp:
             jobs.append(("without DP", without_dp(config)))
@@ -509,8 +514,7 @@ def audit_membership(
     for label, job in jobs:
         row_started = time.perf_counter()
         say(f"{label}: training {job.job.rounds} rounds")
-        result = simulate(job, data_dir=data_dir, on_round=lambda r, label=label, total=job.job.rounds: say(
-            f"{label}: round {r.round}/{total} accuracy {r.accuracy:.3f}"))
+        result = simulate(job, data_dir=data_dir, on_round=_round_reporter(say, label, job.job.rounds))
         trainer = build_trainer(job, dataset)
         load_flat(trainer.model, result.params, trainer.spec)
         model = trainer.model
@@ -519,6 +523,8 @@ def audit_membership(
         loss = LossThresholdAttack().evaluate(model, (x_member, y_member), (x_non, y_non))
         shadowed = shadow.evaluate(model, (x_member, y_member), (x_non, y_non))
         epsilon = _spent_epsilon(result.history) if job.dp is not None else None
+        if job.dp is not None and job.dp.target_epsilon is None and epsilon is not None:
+            label = f"as configured (DP eps={epsilon:.3g})"
         row = MembershipRow(
             label, epsilon, test_acc, train_acc, loss.auc, loss.advantage, shadowed.auc, shadowed.advantage,
             time.perf_counter() - row_started, len(result.history), result.stopped,
@@ -541,6 +547,13 @@ def audit_membership(
         note=note,
         seconds=time.perf_counter() - started,
     )
+
+
+def _round_reporter(say: Callable[[str], None], label: str, rounds: int) -> Callable[[RoundRecord], None]:
+    def on_round(record: RoundRecord) -> None:
+        say(f"{label}: round {record.round}/{rounds}, test accuracy {record.accuracy:.3f}")
+
+    return on_round
 
 
 def _accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:

@@ -182,16 +182,22 @@ def _psnr_cell(psnr: float) -> str:
 
 
 def _show_membership(report: MembershipReport) -> None:
-    data = report.to_json()
-    table = Table(title="membership inference on the final model")
-    for column in ("model", "ε", "test acc", "member acc", "loss AUC", "loss adv.", "shadow AUC", "shadow adv.", "s"):
+    table = Table(title=f"membership inference on {report.job}'s final model ({report.model} on {report.dataset})")
+    for column in ("model", "ε", "rounds", "test acc", "member acc", "loss AUC", "loss adv.", "shadow AUC",
+                   "shadow adv.", "s"):
         table.add_column(column, justify="right")
-    for row in data["rows"]:
-        epsilon = row.get("epsilon")
+    for row in report.rows:
         table.add_row(
-            str(row["label"]), "-" if epsilon is None else f"{epsilon:.3g}", f"{row['test_accuracy']:.3f}",
-            f"{row['member_accuracy']:.3f}", f"{row['loss_threshold']['auc']:.3f}",
-            f"{row['loss_threshold']['advantage']:.3f}", f"{row['shadow']['auc']:.3f}",
-            f"{row['shadow']['advantage']:.3f}", f"{row['seconds']:.0f}",
+            row.label, "-" if row.epsilon is None else f"{row.epsilon:.3g}", str(row.rounds),
+            f"{row.test_accuracy:.3f}", f"{row.train_accuracy:.3f}", f"{row.loss_auc:.3f}",
+            f"{row.loss_advantage:.3f}", f"{row.shadow_auc:.3f}", f"{row.shadow_advantage:.3f}", f"{row.seconds:.0f}",
         )
     console.print(table)
+    splits = ", ".join(f"{k} {v}" for k, v in report.splits.items())
+    console.print(f"splits: {splits}; an attack that learns nothing scores AUC 0.5 ± {report.auc_stderr:.3f} "
+                  "(one standard error)", highlight=False)
+    for row in report.rows:
+        if row.stopped:
+            console.print(f"{row.label}: {escape(row.stopped)}", highlight=False)
+    if report.note:
+        console.print(f"note: {escape(report.note)}", highlight=False)

@@ -173,8 +173,10 @@ def data(
         job = _load(job_file)
         dataset = load_dataset(job.data.dataset, data_dir or job.data.data_dir)
         parts = partition_clients(job, dataset)
+    used = len(dataset.y_train) if job.data.train_samples is None else job.data.train_samples
+    subset = f" (a seeded subset of {len(dataset.y_train)})" if job.data.train_samples is not None else ""
     console.print(
-        f"{job.data.dataset}: {len(dataset.y_train)} training examples, "
+        f"{job.data.dataset}: {used} training examples{subset}, "
         f"{job.data.num_clients} clients, partition {job.data.partition}"
     )
     console.print(summary_table(summarize(parts, dataset.y_train, dataset.num_classes), dataset.class_names))
