@@ -174,7 +174,7 @@ def audit_inversion(
     what the server read of every update."""
     batches = audit_batches(dataset, clients, batch_size, seed=seed)
     if progress:
-        progress(f"running one round of mechanism {config.privacy.mechanism!r} with {clients} clients "
+        progress(f"running one round of mechanism {config.privacy.mechanism!r} with {clients} client{'s' * (clients != 1)} "
                  f"(batch {batch_size}, one SGD step each)")
     observed = observe_round(config, dataset, batches)
     inversion = GradientInversion(attack, iterations=iterations, restarts=restarts, seed=seed, device=device)

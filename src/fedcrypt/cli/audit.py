@@ -92,7 +92,7 @@ def audit(
             _show_membership(membership)
         else:
             _say(f"auditing [bold]{escape(job.job.name)}[/] ({escape(_describe(job))}) with {attack}: "
-                 f"{clients} updates of batch {batch}, model {job.model.name} on {dataset.name}")
+                 f"{clients} update{'s' * (clients != 1)} of batch {batch}, model {job.model.name} on {dataset.name}")
             attacked, _ = audit_inversion(job, dataset, attack=attack, clients=clients, batch_size=batch, seed=seed,
                                           iterations=iterations, restarts=restarts, device=device, progress=_say)
             result = attacked.report
