@@ -71,3 +71,14 @@ def test_overrides_are_validated_like_the_file() -> None:
     assert job.job.rounds == 3
     with pytest.raises(JobError, match="job.rounds"):
         job.with_overrides(job={"rounds": -1})
+
+
+def test_in_the_clear_drops_every_protection_setting() -> None:
+    job = parse_job({
+        "privacy": {"mechanism": "batchcrypt", "bits": 8},
+        "strategy": {"weighting": "uniform"},
+        "dp": {"noise_multiplier": 1.0},
+    })
+    clear = job.in_the_clear()
+    assert clear.privacy.mechanism == "none" and clear.privacy.bits == 16 and clear.dp is None
+    assert clear.model_dump(exclude={"privacy", "dp"}) == job.model_dump(exclude={"privacy", "dp"})

@@ -90,3 +90,4 @@ def test_a_job_on_a_subset_trains() -> None:
     result = fedcrypt.simulate(job)
     assert [r.status for r in result.history] == ["ok"] * 3
     assert result.final_accuracy > 0.5  # 80 digits are enough to beat chance (0.1) by far
+

@@ -273,12 +273,12 @@ def selection_sweep(
 ) -> list[SweepPoint]:
     """Mean PSNR of ``attack`` when the ``ratio`` of the update chosen by ``rule`` is encrypted
     and the rest travels in the clear, for every rule and ratio. It observes one plaintext round
-    of the job (mechanism ``none``) and hides each mask's entries from the attack, which is what
-    a selective-CKKS server reads under that mask."""
+    of the job (mechanism ``none``, no DP) and hides each mask's entries from the attack, which
+    is what a selective-CKKS server reads under that mask."""
     for rule in rules:
         if rule not in RULES:
             raise ValueError(f"unknown selection rule {rule!r}; choose one of: {', '.join(RULES)}")
-    plain = config.with_overrides(privacy={"mechanism": "none", "encrypt_ratio": 1.0, "encrypt_layers": []})
+    plain = config.in_the_clear()
     observed = observe_round(plain, dataset, audit_batches(dataset, clients, batch_size, seed=seed))
     inversion = GradientInversion(attack, iterations=iterations, seed=seed, device=device)
     points: list[SweepPoint] = []

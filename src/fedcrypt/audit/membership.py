@@ -40,12 +40,11 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from fedcrypt.config.job import JobConfig, parse_job
-from fedcrypt.core.client import client_seed
 from fedcrypt.core.params import load_flat
 from fedcrypt.core.server import RoundRecord
 from fedcrypt.data import Dataset, load_dataset, partition
-from fedcrypt.models.training import ClientData, LocalTrainer, TrainConfig
-from fedcrypt.simulation import build_strategy, build_trainer, client_names, model_spec, partition_clients, simulate
+from fedcrypt.models.training import ClientData
+from fedcrypt.simulation import build_server, build_trainer, client_names, partition_clients, simulate
 
 log = logging.getLogger(__name__)
 
@@ -273,44 +272,31 @@ def job_like_trainer(config: JobConfig, dataset: Dataset) -> ShadowTrainer:
     """A :data:`ShadowTrainer` that trains as ``config`` does, in the clear and without DP.
 
     The shadow data is split over the job's clients with the job's partitioner, and the job's
-    strategy runs its rounds of the same local SGD (sampling, weighting, server step), in this
-    process and without any protection mechanism: protection does not change the sum, and DP
-    noise is something the attacker cannot reproduce, so the attacker imitates the plain job.
-    The model is the job's architecture, initialized from the shadow's own seed.
+    strategy runs its rounds through the same in-process server as a simulation, without any
+    protection mechanism: protection does not change the sum, and DP noise is something the
+    attacker cannot reproduce, so the attacker imitates the plain job. The model is the job's
+    architecture, initialized from the shadow's own seed.
     """
-    spec = model_spec(config, dataset)
-    train = TrainConfig(**config.train.model_dump())
+    plain = config.in_the_clear()
 
     def train_shadow(x: np.ndarray, y: np.ndarray, seed: int) -> nn.Module:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = spec.build()
-        trainer = LocalTrainer(model, train)
         clients = min(config.data.num_clients, len(y))
-        parts = partition(
-            y, clients, config.data.partition, seed=seed,
-            alpha=config.data.alpha, shards_per_client=config.data.shards_per_client,
+        job = plain.with_overrides(
+            job={"seed": seed},
+            data={"num_clients": clients, "train_samples": None},
+            strategy={"min_fit_clients": min(config.strategy.min_fit_clients, clients)},
         )
-        strategy = build_strategy(config)
-        strategy.min_fit_clients = min(strategy.min_fit_clients, clients)
-        names = client_names(clients)
+        with torch.random.fork_rng(devices=[]):
+            trainer = build_trainer(job, dataset)
+        parts = partition(y, clients, job.data.partition, seed=seed, alpha=job.data.alpha,
+                          shards_per_client=job.data.shards_per_client)
         xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
-        rng = np.random.default_rng(seed)
-        params = trainer.initial_params()
-        for server_round in range(1, config.job.rounds + 1):
-            settings = strategy.fit_config(server_round)
-            mu = float(settings.get("proximal_mu", 0.0))  # type: ignore[arg-type]
-            total = np.zeros_like(params, dtype=np.float64)
-            weight = 0.0
-            for name in strategy.sample(names, rng):
-                part = parts[names.index(name)]
-                fit = trainer.fit(params, ClientData(xt, yt, torch.from_numpy(part)),
-                                  seed=client_seed(seed, server_round, name), proximal_mu=mu)
-                w = 1.0 if strategy.weighting == "uniform" else float(len(part))
-                total += w * (fit.params.astype(np.float64) - params)
-                weight += w
-            params = strategy.apply(params, (total / weight).astype(np.float32))
-        load_flat(trainer.model, params, trainer.spec)
+        data = {name: ClientData(xt, yt, torch.from_numpy(part)) for name, part in zip(client_names(clients), parts)}
+        server = build_server(job, trainer, data)
+        for server_round in range(1, job.job.rounds + 1):
+            server.run_round(server_round)
+        server.shutdown()
+        load_flat(trainer.model, server.params, trainer.spec)
         return trainer.model
 
     return train_shadow

@@ -267,6 +267,11 @@ class JobConfig(_Section):
             merged[section] = {**(merged.get(section) or {}), **values}
         return parse_job(merged, source="overrides")
 
+    def in_the_clear(self) -> JobConfig:
+        """The same job with updates unprotected (mechanism ``none``) and without DP: what an
+        attacker who knows the job can run itself."""
+        return parse_job({**self.model_dump(), "privacy": {}, "dp": None}, source="the job in the clear")
+
     def to_toml(self) -> str:
         """The resolved job (defaults filled in) as TOML."""
         return toml_document(self.model_dump())
