@@ -9,7 +9,8 @@ from fedcrypt.config.job import FedProxSection, JobConfig, JobError, load_job, p
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
-@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.toml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.toml")) + sorted(EXAMPLES.glob("audit/*.toml")),
+                         ids=lambda p: p.name)
 def test_examples_are_valid_and_round_trip_through_toml(path: Path, tmp_path: Path) -> None:
     job = load_job(path)
     resolved = tmp_path / "job.toml"

@@ -23,6 +23,7 @@ from fedcrypt.config.job import JobConfig
 from fedcrypt.core.mechanism import (
     AggregatePiece,
     ClientProtector,
+    ForwardingAggregator,
     HelperRound,
     LocalModel,
     Mechanism,
@@ -120,37 +121,15 @@ class Eavesdropper(Mechanism):
         return self.inner.split(aggregate, ctx, pieces)
 
 
-class _Tap(ServerAggregator):
+class _Tap(ForwardingAggregator):
     def __init__(self, inner: ServerAggregator, eavesdropper: Eavesdropper, ctx: RoundContext) -> None:
-        self._inner, self._eavesdropper, self._ctx = inner, eavesdropper, ctx
-
-    @property
-    def stages(self) -> tuple[str, ...]:
-        return self._inner.stages
-
-    @property
-    def helper_stages(self) -> frozenset[str]:
-        return self._inner.helper_stages
-
-    def request(self, stage: str, client: str) -> Payload:
-        return self._inner.request(stage, client)
+        super().__init__(inner)
+        self._eavesdropper, self._ctx = eavesdropper, ctx
 
     def fold(self, stage: str, client: str, payload: Payload) -> None:
         if stage not in self._inner.helper_stages:
             self._eavesdropper.record(stage, client, payload, self._ctx)
         self._inner.fold(stage, client, payload)
-
-    def close_stage(self, stage: str, survivors: Sequence[str]) -> None:
-        self._inner.close_stage(stage, survivors)
-
-    def contributors(self) -> int | None:
-        return self._inner.contributors()
-
-    def finish(self) -> Payload:
-        return self._inner.finish()
-
-    def metrics(self) -> dict[str, float]:
-        return self._inner.metrics()
 
 
 def audit_batches(dataset: Dataset, clients: int, batch_size: int, *, seed: int) -> list[Batch]:

@@ -147,6 +147,40 @@ class ServerAggregator(ABC):
         return {}
 
 
+class ForwardingAggregator(ServerAggregator):
+    """Hands every call to ``inner``: the base of wrappers that change or watch a few of them
+    (differential privacy around a mechanism, the privacy audit's tap)."""
+
+    def __init__(self, inner: ServerAggregator) -> None:
+        self._inner = inner
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        return self._inner.stages
+
+    @property
+    def helper_stages(self) -> frozenset[str]:
+        return self._inner.helper_stages
+
+    def request(self, stage: str, client: str) -> Payload:
+        return self._inner.request(stage, client)
+
+    def fold(self, stage: str, client: str, payload: Payload) -> None:
+        self._inner.fold(stage, client, payload)
+
+    def close_stage(self, stage: str, survivors: Sequence[str]) -> None:
+        self._inner.close_stage(stage, survivors)
+
+    def contributors(self) -> int | None:
+        return self._inner.contributors()
+
+    def finish(self) -> Payload:
+        return self._inner.finish()
+
+    def metrics(self) -> dict[str, float]:
+        return self._inner.metrics()
+
+
 class ClientProtector(ABC):
     """Client half of one round: answers each stage's request."""
 

@@ -15,7 +15,6 @@ adaptive clipping) and counts with Gaussian noise before moving ``C`` for the ne
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -24,6 +23,7 @@ from fedcrypt.core.mechanism import (
     AggregatePiece,
     BudgetSpent,
     ClientProtector,
+    ForwardingAggregator,
     HelperRound,
     LocalModel,
     Mechanism,
@@ -143,24 +143,14 @@ class DpMechanism(Mechanism):
         return norm <= clip_norm
 
 
-class _Aggregator(ServerAggregator):
+class _Aggregator(ForwardingAggregator):
     def __init__(self, inner: ServerAggregator, mechanism: DpMechanism, ctx: RoundContext, clip_norm: float) -> None:
-        self._inner, self._mechanism, self._ctx = inner, mechanism, ctx
+        super().__init__(inner)
+        self._mechanism, self._ctx = mechanism, ctx
         self._clip_norm = clip_norm
         self._first = inner.stages[0]
         self._unclipped = 0
         self._reported = 0
-
-    @property
-    def stages(self) -> tuple[str, ...]:
-        return self._inner.stages
-
-    @property
-    def helper_stages(self) -> frozenset[str]:
-        return self._inner.helper_stages
-
-    def contributors(self) -> int | None:
-        return self._inner.contributors()
 
     def request(self, stage: str, client: str) -> Payload:
         payload = self._inner.request(stage, client)
@@ -178,9 +168,6 @@ class _Aggregator(ServerAggregator):
         if bit is not None:
             self._unclipped += bit
             self._reported += 1
-
-    def close_stage(self, stage: str, survivors: Sequence[str]) -> None:
-        self._inner.close_stage(stage, survivors)
 
     def finish(self) -> Payload:
         aggregate = self._inner.finish()
