@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -185,7 +185,9 @@ def audit_inversion(
 # --- selective encryption --------------------------------------------------------------------
 
 
-def selection_mask(rule: str, ratio: float, observed: ObservedRound, *, seed: int = 0) -> np.ndarray:
+def selection_mask(
+    rule: str, ratio: float, observed: ObservedRound, *, seed: int = 0, sensitivity: np.ndarray | None = None
+) -> np.ndarray:
     """The encryption mask (True = encrypted; the last entry is the weight) ``rule`` picks for
     ``ratio`` of the parameters, agreed over the round's clients as the mechanism agrees it:
 
@@ -195,6 +197,9 @@ def selection_mask(rule: str, ratio: float, observed: ObservedRound, *, seed: in
     * ``random``: a seeded uniform choice;
     * ``layer``: whole tensors, the most sensitive per parameter first, as many as fit in
       ``ratio`` (what ``encrypt_layers`` can express).
+
+    ``sensitivity`` is :func:`round_sensitivity` of ``observed`` if already computed (the sweep
+    computes it once for all its ratios).
     """
     parameters = observed.spec.size
     if ratio <= 0:
@@ -202,7 +207,7 @@ def selection_mask(rule: str, ratio: float, observed: ObservedRound, *, seed: in
         mask[-1] = True
         return mask
     if rule == "sensitivity":
-        return sensitivity_mask(_sensitivity(observed), ratio)
+        return sensitivity_mask(sensitivity if sensitivity is not None else round_sensitivity(observed), ratio)
     if rule == "magnitude":
         total = np.zeros(parameters, dtype=np.float64)
         for observation in observed.observations:
@@ -217,23 +222,24 @@ def selection_mask(rule: str, ratio: float, observed: ObservedRound, *, seed: in
         mask[-1] = True
         return mask
     if rule == "layer":
-        return layer_mask(observed.spec, _layers_within(observed, ratio))
+        scores = sensitivity if sensitivity is not None else round_sensitivity(observed)
+        return layer_mask(observed.spec, _layers_within(observed, scores, ratio))
     raise ValueError(f"unknown selection rule {rule!r}; choose one of: {', '.join(RULES)}")
 
 
-def _sensitivity(observed: ObservedRound) -> np.ndarray:
+def round_sensitivity(observed: ObservedRound) -> np.ndarray:
+    """The clients' sensitivity maps, each scaled to a maximum of 1, summed (as the clients agree it)."""
     total = np.zeros(observed.spec.size, dtype=np.float64)
     for observation in observed.observations:
         data = ClientData.whole(observation.batch.x, observation.batch.y)
-        # the seed a round-1 client uses for its map (see fedcrypt.core.client.LocalView)
+        # the seed a round-1 client uses for its map (see fedcrypt.core.client._Local.sensitivity)
         seed = client_seed(observed.job_seed, 0, observation.client)
         total += normalized(observed.trainer.sensitivity(observed.params, data, seed=seed))
     return total
 
 
-def _layers_within(observed: ObservedRound, ratio: float) -> list[str]:
+def _layers_within(observed: ObservedRound, scores: np.ndarray, ratio: float) -> list[str]:
     """Tensor names by descending mean sensitivity, greedily while they fit in ``ratio``."""
-    scores = _sensitivity(observed)
     budget = ratio * observed.spec.size
     ranked, offset = [], 0
     for tensor in observed.spec.tensors:
@@ -281,14 +287,15 @@ def selection_sweep(
     plain = config.in_the_clear()
     observed = observe_round(plain, dataset, audit_batches(dataset, clients, batch_size, seed=seed))
     inversion = GradientInversion(attack, iterations=iterations, seed=seed, device=device)
+    scores = round_sensitivity(observed) if {"sensitivity", "layer"} & set(rules) else None
     points: list[SweepPoint] = []
     shared: dict[float, SweepPoint] = {}
     for rule in rules:
         for ratio in ratios:
             if ratio in (0.0, 1.0) and ratio in shared:  # every rule encrypts nothing / everything alike
-                points.append(SweepPoint(rule, *_fields(shared[ratio])))
+                points.append(replace(shared[ratio], rule=rule))
                 continue
-            mask = selection_mask(rule, ratio, observed, seed=seed)
+            mask = selection_mask(rule, ratio, observed, seed=seed, sensitivity=scores)
             views = []
             for observation in observed.observations:
                 assert observation.view is not None
@@ -306,6 +313,3 @@ def selection_sweep(
                          f"PSNR {point.mean_psnr:5.1f} dB, SSIM {point.mean_ssim:.2f}, labels {point.label_recovery:.0%}")
     return points
 
-
-def _fields(point: SweepPoint) -> tuple[float, float, float, float, float]:
-    return point.ratio, point.encrypted_fraction, point.mean_psnr, point.mean_ssim, point.label_recovery
