@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from fedcrypt.cli.main import app
 from fedcrypt.core.server import RoundRecord
+from fedcrypt.tracking.rundir import RunDirectory
 from fedcrypt.tracking.store import RunStore, StoreError, recording, store_url
 
 REPO = Path(__file__).resolve().parents[2]
@@ -88,6 +89,22 @@ def test_a_resumed_run_continues_in_place(store: RunStore, tmp_path: Path) -> No
     detail = store.get(run_id)
     assert detail.run.status == "running" and detail.run.error == ""
     assert [(r["round"], r["accuracy"]) for r in detail.rounds] == [(1, 0.1), (2, 0.25)]
+
+
+def test_rounds_a_killed_server_wrote_only_to_its_folder_are_restored(store: RunStore, tmp_path: Path) -> None:
+    """SIGKILL between the folder's metrics line and the store's row: the resume fills the gap."""
+    run_dir = RunDirectory(tmp_path / "out")
+    run_id = _start(store, tmp_path, kind="server")
+    for number in (1, 2, 3):
+        run_dir.append_round(RoundRecord(number, accuracy=number / 10))
+    store.add_round(run_id, RoundRecord(1, accuracy=0.1))
+    store.add_round(run_id, RoundRecord(3, accuracy=0.35))  # the store's own row wins
+    with run_dir.metrics_path.open("a") as metrics:
+        metrics.write('{"round": 4, "accur')  # the line the kill cut short
+    assert [row["round"] for row in run_dir.rounds()] == [1, 2, 3]
+    assert store.restore_rounds(run_id, run_dir.rounds()) == 1
+    assert store.restore_rounds(run_id, run_dir.rounds()) == 0
+    assert [(r["round"], r["accuracy"]) for r in store.get(run_id).rounds] == [(1, 0.1), (2, 0.2), (3, 0.35)]
 
 
 def test_unknown_and_ambiguous_ids_are_clear_errors(store: RunStore, tmp_path: Path) -> None:

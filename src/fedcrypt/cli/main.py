@@ -297,10 +297,16 @@ def _recording(store: str | None, job: JobConfig, kind: str, out_dir: Path, *,
         RunDirectory.refuse_used(out_dir)
     run_id = id_file.read_text().strip() if resume and id_file.exists() else None
     mechanism = job.privacy.mechanism + ("+dp" if job.dp else "")
-    with recording(open_store(store), job=job.job.name, mechanism=mechanism, kind=kind,
+    run_store = open_store(store)
+
+    def on_start(new_id: str) -> None:
+        _keep_id(id_file, new_id)
+        if resume:  # a round the killed server wrote to its folder but not to the store
+            run_store.restore_rounds(new_id, RunDirectory(out_dir, resume=True).rounds())
+
+    with recording(run_store, job=job.job.name, mechanism=mechanism, kind=kind,
                    planned_rounds=job.job.rounds, run_dir=out_dir, config=job.to_toml(),
-                   model_path=out_dir / "model.pt", run_id=run_id,
-                   on_start=lambda new_id: _keep_id(id_file, new_id)) as record_round:
+                   model_path=out_dir / "model.pt", run_id=run_id, on_start=on_start) as record_round:
         yield record_round
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -49,11 +50,23 @@ class RunDirectory:
         with self.metrics_path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record.to_json(), allow_nan=False) + "\n")
 
+    def rounds(self) -> list[dict[str, Any]]:
+        """The recorded rounds, in order; a line cut short by a crash is left out."""
+        lines = self.metrics_path.read_text().splitlines() if self.metrics_path.exists() else []
+        rows = []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("round"), int):
+                rows.append(row)
+        return rows
+
     def keep_rounds(self, last_round: int) -> None:
         """Drop metric lines after ``last_round`` (written before a crash, not checkpointed)."""
-        lines = self.metrics_path.read_text().splitlines() if self.metrics_path.exists() else []
-        kept = [line for line in lines if json.loads(line)["round"] <= last_round]
-        self._atomic_write(self.metrics_path, "".join(line + "\n" for line in kept).encode())
+        kept = [row for row in self.rounds() if row["round"] <= last_round]
+        self._atomic_write(self.metrics_path, "".join(json.dumps(row) + "\n" for row in kept).encode())
 
     def write_model(self, state_dict: Mapping[str, torch.Tensor], spec: ModelSpec | None = None) -> None:
         """Write the final weights and, for a built-in model, the spec that rebuilds it."""

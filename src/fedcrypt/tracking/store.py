@@ -17,7 +17,7 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,6 +165,17 @@ class RunStore:
         with self._writing() as connection:
             connection.execute(delete(_rounds).where((_rounds.c.run_id == run_id) & (_rounds.c.round == record.round)))
             connection.execute(insert(_rounds).values(run_id=run_id, round=record.round, record=row))
+
+    def restore_rounds(self, run_id: str, rows: Iterable[Mapping[str, Any]]) -> int:
+        """Record the rounds of ``rows`` (``metrics.jsonl`` lines) the store lacks, e.g. one a
+        killed server finished in its run folder but not here; returns how many were added."""
+        with self._writing() as connection:
+            known = set(connection.execute(select(_rounds.c.round).where(_rounds.c.run_id == run_id)).scalars())
+            missing = [row for row in rows if row["round"] not in known]
+            for row in missing:
+                connection.execute(insert(_rounds).values(
+                    run_id=run_id, round=row["round"], record=json.dumps(dict(row), allow_nan=False)))
+        return len(missing)
 
     def finish(self, run_id: str, model_path: Path | None) -> None:
         with self._writing() as connection:
